@@ -1,0 +1,1560 @@
+"""Timeslot export service: a user's calendar entries ("slots") as an RFC 5545 iCalendar file.
+
+One module, standard library only: a WSGI application, an iCalendar writer, read-only data access over
+``sqlite3`` and a command line. The database is described by ``schema.sql`` beside this file.
+
+Routes:
+    POST|GET|HEAD /v1/export/ical      export the slots the user created (``group``: one group's),
+                                       authenticated by ``Authorization: Token token=<token>``
+    OPTIONS /v1/export/ical            CORS preflight
+    GET|HEAD /v1/feeds/<secret>.ics    a subscription feed: a secret, revocable read-only URL
+
+Run it:
+    python -m timeslot_export demo --db demo.sqlite3     # a demo database, its token and a curl command
+    python -m timeslot_export serve --db demo.sqlite3    # serve on http://127.0.0.1:8000
+    gunicorn timeslot_export:application                 # any WSGI server; configured by TIMESLOT_* variables
+
+Configuration (environment, read once): TIMESLOT_DB, TIMESLOT_CORS_ORIGINS, TIMESLOT_REFRESH_MINUTES,
+TIMESLOT_MAX_BODY_BYTES, TIMESLOT_BUSY_TIMEOUT_MS, TIMESLOT_LOG_LEVEL. See README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import hashlib
+import json
+import logging
+import os
+import queue
+import re
+import secrets
+import signal
+import sqlite3
+import sys
+import threading
+import time
+import urllib.parse
+import uuid as uuidlib
+import zlib
+from http import HTTPStatus
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from wsgiref import simple_server
+
+__all__ = ["Config", "ConfigError", "ExportApp", "HTTPError", "make_app", "application", "main",
+           "escape_text", "fold_line", "format_recurrence", "__version__"]
+__version__ = "1.0.0"
+
+logger = logging.getLogger("timeslot_export")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Constants: limits, content types, SQL
+# ---------------------------------------------------------------------------------------------------
+
+SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema.sql")
+DEFAULT_DB = "timeslot.sqlite3"
+
+MAX_BODY_BYTES = 64 * 1024          # request bodies larger than this get 413
+MAX_FORM_FIELDS = 100               # form bodies and query strings with more fields get 422
+CHUNK_CHARS = 32 * 1024             # the body streams in pieces of about this many characters
+PREBUFFER_BYTES = 64 * 1024         # a body that fits here is sent whole, with Content-Length
+BUSY_TIMEOUT_MS = 5000              # how long a read waits for a writer's lock before 503
+RETRY_AFTER_SECONDS = 2             # what a 503 asks clients to wait
+REFRESH_MINUTES = 60                # how often a feed asks calendar apps to poll
+MAX_REFRESH_MINUTES = 7 * 24 * 60
+GZIP_LEVEL = 6
+
+CALENDAR_TYPE = "text/calendar; charset=utf-8"
+DOWNLOAD_TYPE = "application/octet-stream"
+JSON_TYPE = "application/json; charset=utf-8"
+EXPORT_METHODS = ("GET", "HEAD", "POST", "OPTIONS")
+
+UUID_PATTERN = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,255}")
+FEED_SECRET_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,128}")
+# Anything in a logged path that looks like a secret (feed secrets are 43 such characters).
+SECRET_IN_PATH = re.compile(r"[A-Za-z0-9_-]{20,}")
+
+# All SQL of the service, with placeholders; nothing is ever formatted into a statement.
+# Timestamps come out in iCalendar's basic form (20190920T194402Z) and free text as BLOBs, so that
+# bytes that are not UTF-8 become U+FFFD in Python instead of failing the row.
+_SLOT_COLUMNS = """
+    s.uuid,
+    replace(replace(s.created_at, '-', ''), ':', ''),
+    replace(replace(s.updated_at, '-', ''), ':', ''),
+    replace(replace(s.start_at, '-', ''), ':', ''),
+    replace(replace(s.end_at, '-', ''), ':', ''),
+    s.all_day, s.rrule, s.visibility,
+    CAST(s.title AS BLOB), CAST(s.description AS BLOB),
+    CAST(l.name AS BLOB), CAST(l.street AS BLOB), CAST(l.postal_code AS BLOB), CAST(l.city AS BLOB),
+    CAST(l.country AS BLOB), l.latitude, l.longitude,
+    (SELECT group_concat(a.minutes_before) FROM slot_alerts a WHERE a.slot_id = s.id)"""
+
+SQL_USER_BY_TOKEN = """
+    SELECT u.id, coalesce(v.version, -1) FROM users u LEFT JOIN export_versions v ON v.user_id = u.id
+    WHERE u.token_digest = ? AND u.deleted_at IS NULL"""
+SQL_USER_BY_NAME = """
+    SELECT u.id, coalesce(v.version, -1) FROM users u LEFT JOIN export_versions v ON v.user_id = u.id
+    WHERE u.username = ? AND u.deleted_at IS NULL"""
+_GROUP_ACCESS = """
+    AND g.deleted_at IS NULL
+    AND (g.owner_id = :user OR EXISTS (SELECT 1 FROM memberships m
+                                       WHERE m.group_id = g.id AND m.user_id = :user AND m.deleted_at IS NULL))"""
+SQL_GROUP_BY_UUID = "SELECT g.id, g.uuid, CAST(g.name AS BLOB) FROM slot_groups g WHERE g.uuid = :group" + _GROUP_ACCESS
+SQL_GROUP_BY_ID = "SELECT g.id, g.uuid, CAST(g.name AS BLOB) FROM slot_groups g WHERE g.id = :group" + _GROUP_ACCESS
+SQL_USER_SLOTS = "SELECT" + _SLOT_COLUMNS + """
+    FROM slots s LEFT JOIN locations l ON l.id = s.location_id
+    WHERE s.creator_id = ? AND s.deleted_at IS NULL
+    ORDER BY s.start_at, s.uuid"""
+SQL_GROUP_SLOTS = "SELECT" + _SLOT_COLUMNS + """
+    FROM group_slots gs JOIN slots s ON s.id = gs.slot_id LEFT JOIN locations l ON l.id = s.location_id
+    WHERE gs.group_id = ? AND gs.deleted_at IS NULL AND s.creator_id = ? AND s.deleted_at IS NULL
+    ORDER BY s.start_at, s.uuid"""
+SQL_FEED_BY_DIGEST = """
+    SELECT f.id, f.user_id, f.group_id, f.details, f.alarms, f.revoked_at IS NOT NULL,
+           u.deleted_at IS NOT NULL, coalesce(v.version, -1)
+    FROM feeds f JOIN users u ON u.id = f.user_id LEFT JOIN export_versions v ON v.user_id = f.user_id
+    WHERE f.token_digest = ?"""
+SQL_SCHEMA_PRESENT = "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('users', 'slots')"
+
+# Writes, used by the command line only (the web application opens the database read-only).
+SQL_INSERT_USER = "INSERT INTO users (uuid, username, token_digest) VALUES (?, ?, ?)"
+SQL_SET_USER_TOKEN = "UPDATE users SET token_digest = ? WHERE id = ?"
+SQL_USER_ID_BY_NAME = "SELECT id FROM users WHERE username = ? AND deleted_at IS NULL"
+SQL_INSERT_FEED = """
+    INSERT INTO feeds (user_id, group_id, token_digest, label, details, alarms) VALUES (?, ?, ?, ?, ?, ?)"""
+SQL_LIST_FEEDS = """
+    SELECT f.id, f.label, g.uuid, f.details, f.alarms, f.created_at, f.revoked_at
+    FROM feeds f LEFT JOIN slot_groups g ON g.id = f.group_id WHERE f.user_id = ? ORDER BY f.id"""
+SQL_REVOKE_FEED = """
+    UPDATE feeds SET revoked_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now') WHERE id = ? AND revoked_at IS NULL"""
+SQL_FEED_EXISTS = "SELECT revoked_at FROM feeds WHERE id = ?"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------------
+
+class HTTPError(Exception):
+    """An answer other than success: turned into the JSON error body of SPEC §3 in one place."""
+
+    def __init__(self, status: HTTPStatus, message: str, headers: Sequence[tuple[str, str]] = ()):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = list(headers)
+
+
+class DatabaseUnavailable(Exception):
+    """The database is missing, unreadable, corrupt or locked past the busy timeout (503)."""
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; start-up stops with this message."""
+
+
+class NotFound(LookupError):
+    """A user, group or feed the command line was asked for does not exist (or is not the user's)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration: read once, validated, frozen
+# ---------------------------------------------------------------------------------------------------
+
+def _whole_number(name: str, text: str, low: int, high: int) -> int:
+    """Parse a whole number from configuration, or say clearly what is wrong with it."""
+    if not re.fullmatch(r"[0-9]{1,9}", text.strip()) or not low <= int(text) <= high:
+        raise ConfigError(f"{name} must be a whole number from {low} to {high}, not {text!r}")
+    return int(text)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything the application is configured with; ``from_environ`` reads the TIMESLOT_* variables."""
+
+    db_path: str = DEFAULT_DB
+    cors_origins: tuple[str, ...] = ()
+    refresh_minutes: int = REFRESH_MINUTES
+    max_body_bytes: int = MAX_BODY_BYTES
+    busy_timeout_ms: int = BUSY_TIMEOUT_MS
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.db_path, str) or not self.db_path:
+            raise ConfigError("the database path must be a non-empty string")
+        for name, value, low, high in (("refresh_minutes", self.refresh_minutes, 1, MAX_REFRESH_MINUTES),
+                                       ("max_body_bytes", self.max_body_bytes, 0, 64 * 1024 * 1024),
+                                       ("busy_timeout_ms", self.busy_timeout_ms, 0, 600_000)):
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ConfigError(f"{name} must be a whole number from {low} to {high}, not {value!r}")
+        for origin in self.cors_origins:
+            if not re.fullmatch(r"https?://[A-Za-z0-9.:\[\]-]+", origin):
+                raise ConfigError(f"CORS origin must look like https://host[:port], not {origin!r}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError(f"TIMESLOT_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, "
+                              f"not {self.log_level!r}")
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str], **overrides) -> "Config":
+        """The configuration named by TIMESLOT_* variables; ``overrides`` (from the command line) win."""
+        values = {
+            "db_path": environ.get("TIMESLOT_DB") or DEFAULT_DB,
+            "cors_origins": tuple(o.strip() for o in environ.get("TIMESLOT_CORS_ORIGINS", "").split(",")
+                                  if o.strip()),
+            "log_level": environ.get("TIMESLOT_LOG_LEVEL", "INFO").strip() or "INFO",
+        }
+        for key, name, low, high in (("refresh_minutes", "TIMESLOT_REFRESH_MINUTES", 1, MAX_REFRESH_MINUTES),
+                                     ("max_body_bytes", "TIMESLOT_MAX_BODY_BYTES", 0, 64 * 1024 * 1024),
+                                     ("busy_timeout_ms", "TIMESLOT_BUSY_TIMEOUT_MS", 0, 600_000)):
+            if name in environ:
+                values[key] = _whole_number(name, environ[name], low, high)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Storage: the only code that touches sqlite3
+# ---------------------------------------------------------------------------------------------------
+
+def _storage_error(error: sqlite3.Error) -> Exception:
+    """Operational failures (missing, locked, corrupt, no schema) mean "unavailable"; the rest are bugs."""
+    if isinstance(error, (sqlite3.ProgrammingError, sqlite3.InterfaceError)):
+        return error
+    return DatabaseUnavailable(str(error))
+
+
+def _decode(raw: bytes | None) -> str:
+    """Free text from a BLOB-cast column: invalid UTF-8 becomes U+FFFD instead of failing the export."""
+    return "" if raw is None else raw.decode("utf-8", "replace")
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    id: int
+    uuid: str
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Feed:
+    id: int
+    user_id: int
+    group_id: int | None
+    busy: bool
+    alarms: bool
+    revoked: bool
+    user_deleted: bool
+    version: int
+
+
+class Session:
+    """One read transaction on one connection: every query of a request sees one snapshot."""
+
+    def __init__(self, database: "Database", connection: sqlite3.Connection, identity: tuple):
+        self._database = database
+        self._connection = connection
+        self._identity = identity
+        self._broken = False
+        self._closed = False
+        self._run("BEGIN")
+
+    def _run(self, sql: str, parameters: Sequence | Mapping = ()) -> sqlite3.Cursor:
+        try:
+            return self._connection.execute(sql, parameters)
+        except sqlite3.Error as error:
+            self._broken = True
+            raise _storage_error(error) from error
+
+    def _one(self, sql: str, parameters: Sequence | Mapping) -> tuple | None:
+        cursor = self._run(sql, parameters)
+        try:
+            return cursor.fetchone()
+        except sqlite3.Error as error:
+            self._broken = True
+            raise _storage_error(error) from error
+        finally:
+            cursor.close()
+
+    def user_by_token_digest(self, digest: str) -> tuple[int, int] | None:
+        """(user id, export version) of the non-deleted user with this token digest."""
+        return self._one(SQL_USER_BY_TOKEN, (digest,))
+
+    def user_by_name(self, username: str) -> tuple[int, int] | None:
+        """(user id, export version) of the non-deleted user with this name."""
+        return self._one(SQL_USER_BY_NAME, (username,))
+
+    def accessible_group(self, user_id: int, *, uuid: str | None = None, group_id: int | None = None
+                         ) -> Group | None:
+        """The group, if it exists, is not deleted, and the user owns it or is an active member."""
+        if uuid is not None:
+            row = self._one(SQL_GROUP_BY_UUID, {"group": uuid, "user": user_id})
+        else:
+            row = self._one(SQL_GROUP_BY_ID, {"group": group_id, "user": user_id})
+        return None if row is None else Group(row[0], row[1], _decode(row[2]))
+
+    def feed_by_digest(self, digest: str) -> Feed | None:
+        """The feed whose secret has this digest, revoked or not, with its user's state."""
+        row = self._one(SQL_FEED_BY_DIGEST, (digest,))
+        if row is None:
+            return None
+        return Feed(row[0], row[1], row[2], row[3] == "busy", bool(row[4]), bool(row[5]), bool(row[6]), row[7])
+
+    def slot_batches(self, user_id: int, group_id: int | None, size: int = 256) -> Iterator[list[tuple]]:
+        """The user's slots (of one group, or all) in (start_at, uuid) order, as lists of rows.
+
+        Batches keep the per-row cost low; the statement is prepared once per connection (sqlite3's
+        statement cache) and the cursor is closed when the iterator is, even half read."""
+        if group_id is None:
+            cursor = self._run(SQL_USER_SLOTS, (user_id,))
+        else:
+            cursor = self._run(SQL_GROUP_SLOTS, (group_id, user_id))
+        try:
+            while True:
+                batch = cursor.fetchmany(size)
+                if not batch:
+                    return
+                yield batch
+        except sqlite3.Error as error:
+            self._broken = True
+            raise _storage_error(error) from error
+        finally:
+            cursor.close()
+
+    def schema_present(self) -> bool:
+        """Whether the database has the Timeslot tables (a start-up check)."""
+        return self._one(SQL_SCHEMA_PRESENT, ())[0] == 2
+
+    def close(self) -> None:
+        """End the read transaction and give the connection back (or drop it if it failed)."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._broken:
+            try:
+                self._connection.execute("ROLLBACK")
+            except sqlite3.Error:
+                self._broken = True
+        self._database.check_in(self._connection, self._identity, reusable=not self._broken)
+
+
+class Database:
+    """Read-only connections to one SQLite file, one kept idle per thread.
+
+    A thread reuses its connection (opening one costs about 330 µs); a connection is never used by two
+    requests at once. A connection is dropped, and the next request opens a fresh one, when a query on it
+    failed or the file was replaced (another inode), so the service recovers without a restart."""
+
+    def __init__(self, path: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS):
+        self.path = os.path.abspath(path)
+        self._uri = "file:" + urllib.parse.quote(self.path) + "?mode=ro"
+        self._timeout = busy_timeout_ms / 1000
+        self._idle = threading.local()
+
+    def _identity(self) -> tuple:
+        try:
+            status = os.stat(self.path)
+        except OSError as error:
+            raise DatabaseUnavailable(f"cannot open {self.path}: {error.strerror}") from error
+        return status.st_dev, status.st_ino
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            return sqlite3.connect(self._uri, uri=True, timeout=self._timeout, isolation_level=None,
+                                   check_same_thread=False, cached_statements=32)
+        except sqlite3.Error as error:
+            raise _storage_error(error) from error
+
+    def session(self) -> Session:
+        """A read transaction on this thread's connection (or a new one)."""
+        identity = self._identity()
+        idle = getattr(self._idle, "connection", None)
+        self._idle.connection = None
+        if idle is not None and idle[1] == identity:
+            connection = idle[0]
+        else:
+            if idle is not None:
+                idle[0].close()
+            connection = self._open()
+        try:
+            return Session(self, connection, identity)
+        except BaseException:
+            connection.close()
+            raise
+
+    def check_in(self, connection: sqlite3.Connection, identity: tuple, reusable: bool) -> None:
+        """Keep the connection for this thread's next request, unless it failed or one is kept already."""
+        if reusable and getattr(self._idle, "connection", None) is None:
+            self._idle.connection = (connection, identity)
+        else:
+            connection.close()
+
+    def check(self) -> None:
+        """Fail with DatabaseUnavailable unless the file opens as a Timeslot database (start-up check)."""
+        session = self.session()
+        try:
+            if not session.schema_present():
+                raise DatabaseUnavailable(f"{self.path} has no Timeslot schema (run initdb)")
+        finally:
+            session.close()
+
+
+def connect_for_writing(path: str, create: bool = False) -> sqlite3.Connection:
+    """A read-write connection for the command line, with foreign keys enforced."""
+    if not create and not os.path.exists(path):
+        raise DatabaseUnavailable(f"no database at {path} (run initdb first)")
+    try:
+        connection = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        connection.text_factory = lambda raw: raw.decode("utf-8", "replace")
+        connection.execute("PRAGMA foreign_keys = ON")
+        return connection
+    except sqlite3.Error as error:
+        raise DatabaseUnavailable(f"cannot open {path}: {error}") from error
+
+
+def apply_schema(connection: sqlite3.Connection) -> None:
+    """Create whatever of schema.sql is missing (idempotent: every statement is IF NOT EXISTS)."""
+    with open(SCHEMA_PATH, encoding="utf-8") as schema:
+        connection.executescript(schema.read())
+
+
+def token_digest(token: str) -> str:
+    """SPEC §2: the lowercase hex SHA-256 of a token's UTF-8 bytes."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# iCalendar (RFC 5545): small pure functions, str until the final encode
+# ---------------------------------------------------------------------------------------------------
+
+CRLF = "\r\n"
+PRODID = "-//Timeslot//Timeslot Export//EN"
+CLASS_BY_VISIBILITY = {"public": "PUBLIC", "private": "PRIVATE", "friends": "CONFIDENTIAL",
+                       "foaf": "CONFIDENTIAL"}
+
+# §3.3.11 TEXT: backslash, semicolon and comma are escaped, a line break becomes \n. Other control
+# characters (not TAB) cannot appear in a content line (§3.1 "Control characters are not permitted"),
+# so they are dropped; a lone surrogate cannot be encoded as UTF-8 and becomes U+FFFD.
+_TEXT_NEEDS_WORK = re.compile("[\\\\;,\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
+_TEXT_TRANSLATION = {ord("\\"): "\\\\", ord(";"): "\\;", ord(","): "\\,", ord("\n"): "\\n", ord("\r"): "\\n"}
+_TEXT_TRANSLATION.update({code: None for code in [*range(0x00, 0x09), *range(0x0B, 0x0D), *range(0x0E, 0x20),
+                                                  0x7F]})
+_TEXT_TRANSLATION.update({code: "\ufffd" for code in range(0xD800, 0xE000)})
+
+
+def escape_text(value: str) -> str:
+    """A TEXT value (§3.3.11) that no stored character can break out of."""
+    if _TEXT_NEEDS_WORK.search(value) is None:
+        return value
+    return value.replace("\r\n", "\n").translate(_TEXT_TRANSLATION)
+
+
+def fold_line(line: str) -> str:
+    """Fold a content line (§3.1) greedily into physical lines of at most 75 octets.
+
+    Each continuation starts with one SPACE, which counts toward its 75 octets. A fold never falls
+    inside a UTF-8 sequence, nor between a backslash and the character it escapes (clients that unfold
+    before unescaping would otherwise see the pair split)."""
+    if len(line) <= 75 and (line.isascii() or len(line.encode("utf-8")) <= 75):
+        return line
+    data = line.encode("utf-8")
+    pieces = []
+    start, room = 0, 75
+    while len(data) - start > room:
+        cut = start + room
+        while data[cut] & 0xC0 == 0x80:            # a UTF-8 continuation byte: back to the lead byte
+            cut -= 1
+        backslashes = 0
+        while data[cut - 1 - backslashes] == 0x5C:  # an odd run of backslashes ends in an escape's start
+            backslashes += 1
+        if backslashes % 2:
+            cut -= 1
+        pieces.append(data[start:cut])
+        start, room = cut, 74
+    pieces.append(data[start:])
+    return b"\r\n ".join(pieces).decode("utf-8")
+
+
+def text_property(name: str, value: str) -> str:
+    """A folded ``NAME:value`` line with its CRLF, for a TEXT value."""
+    return fold_line(name + ":" + escape_text(value)) + CRLF
+
+
+def format_decimal(value: float) -> str:
+    """A FLOAT (§3.3.7) as plain decimals: never exponent notation, at most 6 decimals."""
+    text = f"{value:.6f}".rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
+
+
+def _next_day(basic_date: str) -> str | None:
+    """The date after YYYYMMDD, or None after 9999-12-31 (the last date iCalendar can write)."""
+    day = datetime.date(int(basic_date[:4]), int(basic_date[4:6]), int(basic_date[6:8]))
+    if day == datetime.date.max:
+        return None
+    day += datetime.timedelta(days=1)
+    return f"{day.year:04d}{day.month:02d}{day.day:02d}"
+
+
+# §3.3.10 RECUR. Value patterns per rule part, then the MUST NOTs the section states.
+_FREQUENCIES = ("SECONDLY", "MINUTELY", "HOURLY", "DAILY", "WEEKLY", "MONTHLY", "YEARLY")
+_WEEKDAY = r"(?:SU|MO|TU|WE|TH|FR|SA)"
+
+
+def _number_list(digits: int, low: int, high: int, signed: bool) -> Callable[[str], bool]:
+    pattern = re.compile((r"[+-]?" if signed else "") + r"([0-9]{1,%d})" % digits)
+
+    def valid(value: str) -> bool:
+        for item in value.split(","):
+            match = pattern.fullmatch(item)
+            if match is None or not low <= int(match.group(1)) <= high:
+                return False
+        return True
+    return valid
+
+
+def _weekday_list(value: str) -> bool:
+    for item in value.split(","):
+        match = re.fullmatch(r"(?:[+-]?([0-9]{1,2}))?" + _WEEKDAY, item)
+        if match is None or (match.group(1) is not None and not 1 <= int(match.group(1)) <= 53):
+            return False
+    return True
+
+
+def _valid_until(value: str) -> bool:
+    match = re.fullmatch(r"([0-9]{4})([0-9]{2})([0-9]{2})(?:T([0-9]{2})([0-9]{2})([0-9]{2})Z?)?", value)
+    if match is None:
+        return False
+    try:
+        datetime.date(int(match.group(1)), int(match.group(2)), int(match.group(3)))
+    except ValueError:
+        return False
+    return match.group(4) is None or (int(match.group(4)) <= 23 and int(match.group(5)) <= 59
+                                      and int(match.group(6)) <= 60)
+
+
+_RULE_PARTS: dict[str, Callable[[str], bool]] = {
+    "FREQ": lambda value: value in _FREQUENCIES,
+    "UNTIL": _valid_until,
+    "COUNT": lambda value: re.fullmatch(r"[0-9]{1,9}", value) is not None and int(value) >= 1,
+    "INTERVAL": lambda value: re.fullmatch(r"[0-9]{1,9}", value) is not None and int(value) >= 1,
+    "BYSECOND": _number_list(2, 0, 60, signed=False),
+    "BYMINUTE": _number_list(2, 0, 59, signed=False),
+    "BYHOUR": _number_list(2, 0, 23, signed=False),
+    "BYDAY": _weekday_list,
+    "BYMONTHDAY": _number_list(2, 1, 31, signed=True),
+    "BYYEARDAY": _number_list(3, 1, 366, signed=True),
+    "BYWEEKNO": _number_list(2, 1, 53, signed=True),
+    "BYMONTH": _number_list(2, 1, 12, signed=False),
+    "BYSETPOS": _number_list(3, 1, 366, signed=True),
+    "WKST": lambda value: re.fullmatch(_WEEKDAY, value) is not None,
+}
+
+
+def _recurrence_problem(parts: dict[str, str]) -> str | None:
+    """The first MUST NOT of §3.3.10 the rule breaks, or None."""
+    frequency = parts.get("FREQ")
+    if frequency is None:
+        return "FREQ is required"
+    if "COUNT" in parts and "UNTIL" in parts:
+        return "COUNT and UNTIL must not occur together"
+    if "BYWEEKNO" in parts and frequency != "YEARLY":
+        return "BYWEEKNO is only valid with FREQ=YEARLY"
+    if "BYMONTHDAY" in parts and frequency == "WEEKLY":
+        return "BYMONTHDAY must not be used with FREQ=WEEKLY"
+    if "BYYEARDAY" in parts and frequency in ("DAILY", "WEEKLY", "MONTHLY"):
+        return "BYYEARDAY must not be used with FREQ=DAILY, WEEKLY or MONTHLY"
+    numbered_day = "BYDAY" in parts and re.search(r"[0-9]", parts["BYDAY"]) is not None
+    if numbered_day and frequency not in ("MONTHLY", "YEARLY"):
+        return "numbered BYDAY is only valid with FREQ=MONTHLY or YEARLY"
+    if numbered_day and frequency == "YEARLY" and "BYWEEKNO" in parts:
+        return "numbered BYDAY must not be used with FREQ=YEARLY and BYWEEKNO"
+    if "BYSETPOS" in parts and not any(name.startswith("BY") and name != "BYSETPOS" for name in parts):
+        return "BYSETPOS needs another BYxxx rule part"
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def format_recurrence(rule: str, all_day: bool) -> tuple[str, str | None]:
+    """The RRULE line (with CRLF; '' for no rule) for a stored RECUR value, or ('', why it is invalid).
+
+    Rule part names and values are case-insensitive (§3.3.10); they are written upper-case with FREQ
+    first (RFC 2445 required that, and some clients still expect it), the rest in stored order. UNTIL takes
+    the value type of DTSTART: a date-time becomes its date for an all-day slot; for a timed (UTC) slot a
+    date becomes that day at 23:59:59Z and a floating date-time is read as UTC."""
+    if rule == "":
+        return "", None
+    parts: dict[str, str] = {}
+    for part in rule.upper().split(";"):
+        name, equals, value = part.partition("=")
+        if not equals or not value:
+            return "", f"rule part {part!r} is not NAME=VALUE"
+        if name not in _RULE_PARTS:
+            return "", f"unknown rule part {name!r}"
+        if name in parts:
+            return "", f"rule part {name} occurs more than once"
+        if not _RULE_PARTS[name](value):
+            return "", f"invalid {name} value {value!r}"
+        parts[name] = value
+    problem = _recurrence_problem(parts)
+    if problem:
+        return "", problem
+    if "UNTIL" in parts:
+        until = parts["UNTIL"]
+        if all_day:
+            parts["UNTIL"] = until[:8]
+        elif len(until) == 8:
+            parts["UNTIL"] = until + "T235959Z"
+        elif not until.endswith("Z"):
+            parts["UNTIL"] = until + "Z"
+    value = ";".join([f"FREQ={parts.pop('FREQ')}"] + [f"{name}={value}" for name, value in parts.items()])
+    return fold_line("RRULE:" + value) + CRLF, None
+
+
+@dataclasses.dataclass(frozen=True)
+class CalendarStyle:
+    """What one calendar shows: its name, and for feeds the refresh interval, busy-only, alarms."""
+
+    name: str = "Timeslot"
+    refresh_minutes: int | None = None
+    busy: bool = False
+    alarms: bool = True
+
+
+def calendar_header(style: CalendarStyle) -> str:
+    """BEGIN:VCALENDAR and the calendar's properties, each line ending in CRLF."""
+    lines = ("BEGIN:VCALENDAR" + CRLF + "VERSION:2.0" + CRLF + "PRODID:" + PRODID + CRLF
+             + "CALSCALE:GREGORIAN" + CRLF + "METHOD:PUBLISH" + CRLF
+             + text_property("NAME", style.name) + text_property("X-WR-CALNAME", style.name))
+    if style.refresh_minutes is not None:
+        lines += (f"REFRESH-INTERVAL;VALUE=DURATION:PT{style.refresh_minutes}M" + CRLF
+                  + f"X-PUBLISHED-TTL:PT{style.refresh_minutes}M" + CRLF)
+    return lines
+
+
+CALENDAR_FOOTER = "END:VCALENDAR" + CRLF
+
+
+def _location_text(name: str, street: str, postal_code: str, city: str, country: str) -> str:
+    """'name, street, postal_code city, country' of the parts that are not empty."""
+    town = " ".join(part for part in (postal_code, city) if part)
+    return ", ".join(part for part in (name, street, town, country) if part)
+
+
+def write_event(row: tuple, style: CalendarStyle) -> str:
+    """One VEVENT (with its VALARMs) for a slot row of SQL_USER_SLOTS, in the property order of SPEC §4."""
+    (uid, created, updated, start, end, all_day, rule, visibility, title, description,
+     place, street, postal_code, city, country, latitude, longitude, alerts) = row
+    if all_day:
+        times = "DTSTART;VALUE=DATE:" + start[:8] + CRLF
+        end_date = _next_day((end or start)[:8])   # DTEND is exclusive (§3.6.1): the day after the last
+        if end_date is not None:
+            times += "DTEND;VALUE=DATE:" + end_date + CRLF
+    elif end is None or end == start:
+        times = "DTSTART:" + start + CRLF
+    else:
+        times = "DTSTART:" + start + CRLF + "DTEND:" + end + CRLF
+    recurrence, problem = format_recurrence(rule, bool(all_day))
+    if problem:
+        logger.warning("slot %s: invalid RRULE %r left out: %s", uid, rule, problem)
+    head = ("BEGIN:VEVENT" + CRLF + "UID:" + uid + CRLF + "DTSTAMP:" + updated + CRLF + "CREATED:" + created
+            + CRLF + "LAST-MODIFIED:" + updated + CRLF + times + recurrence)
+    if style.busy:
+        return head + "CLASS:PRIVATE" + CRLF + "SUMMARY:Busy" + CRLF + "END:VEVENT" + CRLF
+    summary = escape_text(_decode(title))
+    lines = [head, "CLASS:", CLASS_BY_VISIBILITY[visibility], CRLF, fold_line("SUMMARY:" + summary), CRLF,
+             text_property("DESCRIPTION", _decode(description))]
+    location = _location_text(_decode(place), _decode(street), _decode(postal_code), _decode(city),
+                              _decode(country))
+    if location:
+        lines.append(text_property("LOCATION", location))
+    if latitude is not None:
+        lines.append("GEO:" + format_decimal(latitude) + ";" + format_decimal(longitude) + CRLF)
+    if alerts is not None and style.alarms:
+        description_line = fold_line("DESCRIPTION:" + summary) + CRLF
+        for minutes in sorted(map(int, alerts.split(","))):
+            lines.append("BEGIN:VALARM" + CRLF + "ACTION:DISPLAY" + CRLF + description_line
+                         + f"TRIGGER:-PT{minutes}M" + CRLF + "END:VALARM" + CRLF)
+    lines.append("END:VEVENT" + CRLF)
+    return "".join(lines)
+
+
+def write_calendar(batches: Iterable[list[tuple]], style: CalendarStyle) -> Iterator[bytes]:
+    """The whole calendar as UTF-8 pieces of about CHUNK_CHARS characters, produced as rows arrive."""
+    parts = [calendar_header(style)]
+    size = 0
+    for batch in batches:
+        for row in batch:
+            event = write_event(row, style)
+            parts.append(event)
+            size += len(event)
+        if size >= CHUNK_CHARS:
+            yield "".join(parts).encode("utf-8")
+            parts, size = [], 0
+    parts.append(CALENDAR_FOOTER)
+    yield "".join(parts).encode("utf-8")
+
+
+def gzip_stream(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Compress a stream of pieces into one gzip member as it goes (mtime 0: identical input, bytes)."""
+    compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)
+    for chunk in chunks:
+        compressed = compressor.compress(chunk)
+        if compressed:
+            yield compressed
+    yield compressor.flush()
+
+
+# ---------------------------------------------------------------------------------------------------
+# HTTP plumbing: the request, the response, content negotiation
+# ---------------------------------------------------------------------------------------------------
+
+def _wsgi_text(value: str) -> str:
+    """A WSGI header or query value ("bytes as latin-1", PEP 3333) as the UTF-8 text the client sent."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "request is not valid UTF-8") from None
+
+
+class Request:
+    """The parts of a WSGI environ the service uses, parsed once; ``environ`` itself is untrusted."""
+
+    def __init__(self, environ: dict):
+        self._environ = environ
+        self.method = environ.get("REQUEST_METHOD", "GET")   # methods are case-sensitive (RFC 9110 §9.1)
+        self.path = environ.get("PATH_INFO", "") or "/"
+        supplied_id = environ.get("HTTP_X_REQUEST_ID", "")
+        self.id = supplied_id if REQUEST_ID_PATTERN.fullmatch(supplied_id) else str(uuidlib.uuid4())
+
+    def header(self, name: str) -> str:
+        """A request header by its HTTP name ('' when absent)."""
+        key = name.upper().replace("-", "_")
+        if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            key = "HTTP_" + key
+        return self._environ.get(key, "")
+
+    @property
+    def query_string(self) -> str:
+        return self._environ.get("QUERY_STRING", "")
+
+    def read_body(self, limit: int) -> bytes:
+        """The request body, at most ``limit`` bytes (400 for a bad Content-Length, 413 beyond the limit)."""
+        length_text = self._environ.get("CONTENT_LENGTH", "").strip()
+        stream = self._environ["wsgi.input"]
+        if not length_text:
+            if not self._environ.get("wsgi.input_terminated"):
+                return b""          # no length and no terminated stream: no body we may read (PEP 3333)
+            body = stream.read(limit + 1)
+            if len(body) > limit:
+                raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body larger than {limit} bytes")
+            return body
+        if not re.fullmatch(r"[0-9]{1,18}", length_text):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "invalid Content-Length")
+        length = int(length_text)
+        if length > limit:
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body larger than {limit} bytes")
+        body = stream.read(length) if length else b""
+        if len(body) != length:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "request body shorter than its Content-Length")
+        return body
+
+    def log_path(self) -> str:
+        """The path as it may be logged: anything that looks like a secret is masked."""
+        return SECRET_IN_PATH.sub("[secret]", self.path)
+
+
+@dataclasses.dataclass
+class Response:
+    """A status, headers and a body iterable; ``close`` releases what the body holds (a database session)."""
+
+    status: HTTPStatus
+    headers: list[tuple[str, str]]
+    body: Iterable[bytes] = ()
+    close: Callable[[], None] | None = None
+
+
+def json_response(status: HTTPStatus, payload: dict, headers: Sequence[tuple[str, str]] = ()) -> Response:
+    """A JSON body with its Content-Type and Content-Length."""
+    body = json.dumps(payload).encode("utf-8")
+    return Response(status, [("Content-Type", JSON_TYPE), ("Content-Length", str(len(body))),
+                             ("Cache-Control", "no-store"), *headers], [body])
+
+
+def _media_parameters(header: str) -> Iterator[tuple[str, float]]:
+    """(token, q) for each item of an Accept-like header; malformed q-values count as 0."""
+    for item in header.split(","):
+        token, _, parameters = item.partition(";")
+        quality = 1.0
+        for parameter in parameters.split(";"):
+            key, _, value = parameter.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    quality = float(value.strip())
+                except ValueError:
+                    quality = 0.0
+        yield token.strip().lower(), quality
+
+
+def accepts(header: str, token: str) -> bool:
+    """Whether an Accept or Accept-Encoding header names ``token`` with a quality above zero."""
+    return any(name == token and quality > 0 for name, quality in _media_parameters(header))
+
+
+def etag_matches(if_none_match: str, etag: str) -> bool:
+    """RFC 9110 §13.1.2: weak comparison against a list of entity tags, or '*'."""
+    opaque = etag[2:] if etag.startswith("W/") else etag
+    for candidate in if_none_match.split(","):
+        candidate = candidate.strip()
+        if candidate == "*" or (candidate[2:] if candidate.startswith("W/") else candidate) == opaque:
+            return True
+    return False
+
+
+def _prebuffer(chunks: Iterator[bytes], limit: int) -> tuple[list[bytes], bool]:
+    """Read pieces until ``limit`` bytes or the end; True when the end was reached (length known)."""
+    buffered, size = [], 0
+    for chunk in chunks:
+        buffered.append(chunk)
+        size += len(chunk)
+        if size >= limit:
+            return buffered, False
+    return buffered, True
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------------------
+
+class _JSONObject(list):
+    """The (key, value) pairs of a JSON object, duplicates kept, so a repeated ``group`` can be seen."""
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _body_text(request: Request, limit: int) -> tuple[str, str]:
+    """(media type, text) of the request body: read, type checked and decoded (400, 413, 415)."""
+    body = request.read_body(limit)
+    if not body:
+        return "", ""
+    media_type, _, parameters = request.header("Content-Type").partition(";")
+    media_type = media_type.strip().lower()
+    charset = re.search(r"charset\s*=\s*\"?([A-Za-z0-9_-]+)", parameters)
+    if charset and charset.group(1).lower() not in ("utf-8", "utf8"):
+        raise HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "request bodies must be UTF-8")
+    if media_type not in ("application/json", "application/x-www-form-urlencoded"):
+        raise HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                        "request body must be application/json or application/x-www-form-urlencoded")
+    try:
+        return media_type, body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "request body is not valid UTF-8") from None
+
+
+def _body_parameters(media_type: str, text: str) -> list[tuple[str, object]]:
+    """The (name, value) pairs of a JSON object or form body (422 when it is neither)."""
+    if not text:
+        return []
+    if media_type == "application/x-www-form-urlencoded":
+        return _form_pairs(text)
+    try:
+        document = json.loads(text, object_pairs_hook=_JSONObject, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, "request body is not valid JSON") from None
+    if not isinstance(document, _JSONObject):
+        raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, "request body must be a JSON object")
+    return list(document)
+
+
+def _form_pairs(text: str) -> list[tuple[str, object]]:
+    """Pairs of a form body or query string; percent-escapes must decode as UTF-8."""
+    try:
+        return urllib.parse.parse_qsl(text, keep_blank_values=True, encoding="utf-8", errors="strict",
+                                      max_num_fields=MAX_FORM_FIELDS)
+    except UnicodeDecodeError:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "parameters are not valid UTF-8") from None
+    except ValueError:
+        raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY,
+                        f"too many parameters (at most {MAX_FORM_FIELDS})") from None
+
+
+def group_parameter(request: Request, limit: int) -> str | None:
+    """SPEC §3 Parameters: the lowercase group uuid, or None for all slots. The body wins over the query."""
+    media_type, body = _body_text(request, limit)
+    query = _wsgi_text(request.query_string)
+    for pairs in (_body_parameters(media_type, body), _form_pairs(query)):
+        values = [value for name, value in pairs if name == "group"]
+        if len(values) > 1:
+            raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, "parameter group is repeated")
+        if values:
+            value = values[0]
+            if value is None or value == "":
+                return None
+            if not isinstance(value, str):
+                raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, "parameter group must be a string (a UUID)")
+            if not UUID_PATTERN.fullmatch(value):
+                raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, "parameter group is not a UUID")
+            return value.lower()
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Authentication
+# ---------------------------------------------------------------------------------------------------
+
+# Token token=<t>, Token token="<t>" (Rails' form, as in the seed) and Bearer <t>; schemes are case-insensitive.
+_AUTHORIZATION = re.compile(r'\s*(?:token\s+token\s*=\s*(?:"([^"\s]+)"|([^"\s,]+))|bearer\s+([^"\s,]+))\s*',
+                            re.IGNORECASE)
+UNAUTHORIZED = HTTPError(HTTPStatus.UNAUTHORIZED, "auth_token invalid or missing",
+                         [("WWW-Authenticate", 'Token realm="Application"')])
+
+
+def authenticate(session: Session, authorization: str) -> tuple[int, int]:
+    """(user id, export version) for the Authorization header, or 401. The token is only ever hashed."""
+    match = _AUTHORIZATION.fullmatch(authorization)
+    if match is None:
+        raise UNAUTHORIZED
+    token = match.group(1) or match.group(2) or match.group(3)
+    try:
+        raw = token.encode("latin-1")            # WSGI headers carry the client's bytes as latin-1
+    except UnicodeEncodeError:
+        raw = token.encode("utf-8", "surrogatepass")
+    user = session.user_by_token_digest(hashlib.sha256(raw).hexdigest())
+    if user is None:
+        raise UNAUTHORIZED
+    return user
+
+
+# ---------------------------------------------------------------------------------------------------
+# Handlers
+# ---------------------------------------------------------------------------------------------------
+
+def _entity_tag(*parts: object) -> str:
+    """A weak ETag from the module version, the user's export version and what the request asked for."""
+    digest = hashlib.sha256("\0".join(map(str, (__version__, *parts))).encode("utf-8")).hexdigest()
+    return f'W/"{digest[:32]}"'
+
+
+def calendar_response(app: "ExportApp", request: Request, session: Session, *, user_id: int, version: int,
+                      group: Group | None, style: CalendarStyle, variant: str,
+                      headers: list[tuple[str, str]]) -> Response:
+    """The calendar as a streamed response, or 304 for a matching If-None-Match on GET/HEAD.
+
+    The ETag comes from the export version, so a 304 never reads a slot. The body streams from the
+    cursor; when it fits in PREBUFFER_BYTES it is sent whole with a Content-Length (and any database
+    error before the first byte still gets its proper status)."""
+    etag = _entity_tag(user_id, version, group.uuid if group else "", variant)
+    headers += [("Cache-Control", "private"), ("ETag", etag)]
+    if request.method in ("GET", "HEAD") and etag_matches(request.header("If-None-Match"), etag):
+        return Response(HTTPStatus.NOT_MODIFIED, headers, close=session.close)
+    chunks = write_calendar(session.slot_batches(user_id, group.id if group else None), style)
+    if accepts(request.header("Accept-Encoding"), "gzip"):
+        chunks = gzip_stream(chunks)
+        headers.append(("Content-Encoding", "gzip"))
+    buffered, complete = _prebuffer(chunks, PREBUFFER_BYTES)
+    if complete:
+        headers.append(("Content-Length", str(sum(map(len, buffered)))))
+        body: Iterable[bytes] = buffered
+    else:
+        body = _chain(buffered, chunks)
+    return Response(HTTPStatus.OK, headers, body, close=session.close)
+
+
+def _chain(first: list[bytes], rest: Iterator[bytes]) -> Iterator[bytes]:
+    """The buffered pieces, then the rest of the stream; closing this closes the stream."""
+    try:
+        yield from first
+        yield from rest
+    finally:
+        rest.close()
+
+
+def handle_export(app: "ExportApp", request: Request) -> Response:
+    """POST|GET|HEAD /v1/export/ical: the user's slots, all or one group's (SPEC §3)."""
+    session = app.database.session()
+    try:
+        user_id, version = authenticate(session, request.header("Authorization"))
+        group_uuid = group_parameter(request, app.config.max_body_bytes)
+        group = None
+        if group_uuid is not None:
+            group = session.accessible_group(user_id, uuid=group_uuid)
+            if group is None:
+                raise HTTPError(HTTPStatus.NOT_FOUND, "group not found")
+        download = not accepts(request.header("Accept"), "text/calendar")
+        filename = f"{group.uuid}.ical" if group else "Timeslot-Export.ical"
+        headers = [("Content-Type", DOWNLOAD_TYPE if download else CALENDAR_TYPE),
+                   ("Content-Disposition", f'attachment; filename="{filename}"'),
+                   ("Content-Transfer-Encoding", "binary"), ("Vary", "Accept, Accept-Encoding, Origin")]
+        style = CalendarStyle(name=group.name if group else "Timeslot")
+        return calendar_response(app, request, session, user_id=user_id, version=version, group=group,
+                                 style=style, variant="export", headers=headers)
+    except BaseException:
+        session.close()
+        raise
+
+
+def handle_feed(app: "ExportApp", request: Request, secret: str) -> Response:
+    """GET|HEAD /v1/feeds/<secret>.ics: a subscription feed, no Authorization needed (SPEC §3)."""
+    if not FEED_SECRET_PATTERN.fullmatch(secret):
+        raise HTTPError(HTTPStatus.NOT_FOUND, "feed not found")
+    session = app.database.session()
+    try:
+        feed = session.feed_by_digest(token_digest(secret))
+        if feed is None:
+            raise HTTPError(HTTPStatus.NOT_FOUND, "feed not found")
+        if feed.revoked:
+            raise HTTPError(HTTPStatus.GONE, "feed revoked")
+        group = None
+        if feed.group_id is not None:
+            group = session.accessible_group(feed.user_id, group_id=feed.group_id)
+        if feed.user_deleted or (feed.group_id is not None and group is None):
+            raise HTTPError(HTTPStatus.NOT_FOUND, "feed not found")
+        style = CalendarStyle(name=group.name if group else "Timeslot", refresh_minutes=app.config.refresh_minutes,
+                              busy=feed.busy, alarms=feed.alarms and not feed.busy)
+        variant = f"feed {feed.id} {style.refresh_minutes} {style.busy} {style.alarms}"
+        headers = [("Content-Type", CALENDAR_TYPE), ("Vary", "Accept-Encoding, Origin")]
+        return calendar_response(app, request, session, user_id=feed.user_id, version=feed.version, group=group,
+                                 style=style, variant=variant, headers=headers)
+    except BaseException:
+        session.close()
+        raise
+
+
+def handle_preflight(app: "ExportApp", request: Request) -> Response:
+    """OPTIONS /v1/export/ical: 204 with Allow; CORS preflight headers for an allowed Origin."""
+    headers = [("Allow", ", ".join(EXPORT_METHODS))]
+    if request.header("Origin") in app.config.cors_origins:
+        headers += [("Access-Control-Allow-Methods", ", ".join(EXPORT_METHODS)),
+                    ("Access-Control-Allow-Headers", "Authorization, Content-Type"),
+                    ("Access-Control-Max-Age", "600"), ("Vary", "Origin")]
+    return Response(HTTPStatus.NO_CONTENT, headers)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Routing: a table of compiled paths and the handlers of their methods
+# ---------------------------------------------------------------------------------------------------
+
+Handler = Callable[..., Response]
+ROUTES: tuple[tuple[re.Pattern, dict[str, Handler]], ...] = (
+    (re.compile(r"/v1/export/ical"),
+     {"GET": handle_export, "HEAD": handle_export, "POST": handle_export, "OPTIONS": handle_preflight}),
+    (re.compile(r"/v1/feeds/(?P<secret>[^/]*)\.ics"), {"GET": handle_feed, "HEAD": handle_feed}),
+)
+
+
+def route(method: str, path: str) -> tuple[Handler, dict[str, str]]:
+    """The handler and path parameters for a request: 404 for an unknown path, 405 (with Allow) for a method."""
+    for pattern, methods in ROUTES:
+        match = pattern.fullmatch(path)
+        if match:
+            if method not in methods:
+                raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, f"method {method} not allowed",
+                                [("Allow", ", ".join(methods))])
+            return methods[method], match.groupdict()
+    raise HTTPError(HTTPStatus.NOT_FOUND, "not found")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Application: the WSGI callable
+# ---------------------------------------------------------------------------------------------------
+
+SECURITY_HEADERS = [("X-Frame-Options", "SAMEORIGIN"), ("X-Content-Type-Options", "nosniff"),
+                    ("X-XSS-Protection", "1; mode=block")]
+CORS_EXPOSED = "Content-Disposition, ETag, X-Request-Id"
+
+
+def _printable(text: str) -> str:
+    """Client text for a log line: control characters escaped, so they cannot forge lines."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+class _Body:
+    """The iterable handed to the server: counts bytes, and on close releases the response's resources
+    and writes the access line (so a client that goes away mid-body frees its cursor and connection)."""
+
+    def __init__(self, app: "ExportApp", request: Request, response: Response, body: Iterable[bytes],
+                 started: float):
+        self._app, self._request, self._response = app, request, response
+        self._body, self._started = body, started
+        self._sent = 0
+        self._failed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            for chunk in self._body:
+                self._sent += len(chunk)
+                yield chunk
+        except Exception:
+            self._failed = True
+            logger.exception("request %s: export failed after %d bytes", self._request.id, self._sent)
+            raise
+
+    def close(self) -> None:
+        try:
+            if hasattr(self._body, "close"):
+                self._body.close()
+        finally:
+            if self._response.close is not None:
+                self._response.close()
+            request = self._request
+            logger.info("%s %s %d %dB %.6fs id=%s%s", _printable(request.method), _printable(request.log_path()),
+                        self._response.status, self._sent, time.perf_counter() - self._started, request.id,
+                        " aborted" if self._failed else "")
+
+
+class ExportApp:
+    """The WSGI application of SPEC §3; ``make_app`` builds one."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.database = Database(config.db_path, config.busy_timeout_ms)
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        started = time.perf_counter()
+        request = Request(environ)
+        try:
+            handler, arguments = route(request.method, request.path)
+            response = handler(self, request, **arguments)
+        except HTTPError as error:
+            response = json_response(error.status, {"error": error.message}, error.headers)
+        except DatabaseUnavailable as error:
+            logger.warning("request %s: database unavailable: %s", request.id, error)
+            response = json_response(HTTPStatus.SERVICE_UNAVAILABLE,
+                                     {"error": "database unavailable", "request_id": request.id},
+                                     [("Retry-After", str(RETRY_AFTER_SECONDS))])
+        except Exception:
+            logger.exception("request %s: export failed", request.id)
+            response = json_response(HTTPStatus.INTERNAL_SERVER_ERROR,
+                                     {"error": "export failed", "request_id": request.id})
+        return self._send(request, response, start_response, started)
+
+    def _send(self, request: Request, response: Response, start_response: Callable,
+              started: float) -> Iterable[bytes]:
+        """The one place that calls start_response: common headers, CORS, no body for HEAD."""
+        headers = response.headers + SECURITY_HEADERS + [("X-Request-Id", request.id)]
+        origin = request.header("Origin")
+        if origin and origin in self.config.cors_origins:
+            headers += [("Access-Control-Allow-Origin", origin), ("Access-Control-Expose-Headers", CORS_EXPOSED)]
+        headers.append(("X-Runtime", f"{time.perf_counter() - started:.6f}"))
+        for name, value in headers:
+            if "\r" in value or "\n" in value:
+                raise ValueError(f"header {name} would contain a line break")
+        status = response.status
+        start_response(f"{status.value} {status.phrase}", headers)
+        body = response.body if request.method != "HEAD" else ()
+        if request.method == "HEAD" and hasattr(response.body, "close"):
+            response.body.close()
+        return _Body(self, request, response, body, started)
+
+
+def make_app(db_path: str, **options) -> ExportApp:
+    """A WSGI application over the database at ``db_path``; ``options`` are Config fields."""
+    return ExportApp(Config(db_path=db_path, **options))
+
+
+def _application_from_environ() -> ExportApp:
+    """The module's ``application``, configured from the environment (TIMESLOT_*), built on first use."""
+    config = Config.from_environ(os.environ)
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(config.log_level.upper())
+    return ExportApp(config)
+
+
+def __getattr__(name: str):
+    """``timeslot_export.application`` is built lazily, so importing the module reads no environment."""
+    if name == "application":
+        app = _application_from_environ()
+        globals()["application"] = app
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------
+
+class _QuietHandler(simple_server.WSGIRequestHandler):
+    """wsgiref's handler, logging through ``logging`` with secrets masked (the app writes access lines)."""
+
+    timeout = 60  # seconds a silent client may hold a worker
+
+    def log_message(self, format: str, *args) -> None:
+        logger.debug("http: %s", SECRET_IN_PATH.sub("[secret]", _printable(format % args)))
+
+    def handle(self) -> None:
+        self.raw_requestline = self.rfile.readline(65537)
+        if len(self.raw_requestline) > 65536:
+            self.requestline, self.request_version, self.command = "", "", ""
+            self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+            return
+        if not self.parse_request():
+            return
+        handler = _ServerHandler(self.rfile, self.wfile, self.get_stderr(), self.get_environ(),
+                                 multithread=True)
+        handler.request_handler = self
+        handler.run(self.server.get_app())
+
+
+class _ServerHandler(simple_server.ServerHandler):
+    """Errors raised while a body streams go to the log (the app already logged them with the request id)."""
+
+    def log_exception(self, exc_info) -> None:
+        logger.debug("response aborted: %s", exc_info[1])
+
+
+class PooledWSGIServer(simple_server.WSGIServer):
+    """wsgiref's server with a bounded pool of worker threads; each keeps its database connection."""
+
+    request_queue_size = 128   # the listen backlog
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], threads: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=threads * 4)
+        self._workers: list[threading.Thread] = []   # server_close() runs if binding fails
+        super().__init__(address, _QuietHandler)
+        self._workers = [threading.Thread(target=self._work, name=f"worker-{n}", daemon=True)
+                         for n in range(threads)]
+        for worker in self._workers:
+            worker.start()
+
+    def process_request(self, request, client_address) -> None:
+        self._queue.put((request, client_address))
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            request, client_address = item
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+
+    def handle_error(self, request, client_address) -> None:
+        logger.debug("connection from %s ended with an error", client_address[0], exc_info=True)
+
+    def server_close(self) -> None:
+        """Stop accepting, let the workers finish the requests they have, then close."""
+        super().server_close()
+        for _ in self._workers:
+            self._queue.put(None)
+        for worker in self._workers:
+            worker.join(timeout=30)
+
+
+def serve(app: ExportApp, host: str, port: int, threads: int, ready: Callable[[str], None] = print) -> None:
+    """Serve ``app`` until SIGTERM or SIGINT, then finish in-flight requests and return."""
+    server = PooledWSGIServer((host, port), threads)
+    server.set_app(app)
+
+    def stop(signum, frame) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    previous = {number: signal.signal(number, stop) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        ready(f"Serving {app.database.path} on http://{host}:{server.server_port} ({threads} threads); "
+              "Ctrl-C stops.")
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        logger.info("server stopped")
+
+
+def export_to(database: Database, username: str, group_uuid: str | None, output) -> None:
+    """The CLI export: the same calendar as the HTTP export, written to a binary file object."""
+    session = database.session()
+    try:
+        user = session.user_by_name(username)
+        if user is None:
+            raise NotFound(f"no such user: {username}")
+        group = None
+        if group_uuid is not None:
+            if not UUID_PATTERN.fullmatch(group_uuid):
+                raise NotFound(f"not a group uuid: {group_uuid}")
+            group = session.accessible_group(user[0], uuid=group_uuid.lower())
+            if group is None:
+                raise NotFound(f"group not found: {group_uuid}")
+        style = CalendarStyle(name=group.name if group else "Timeslot")
+        for chunk in write_calendar(session.slot_batches(user[0], group.id if group else None), style):
+            output.write(chunk)
+    finally:
+        session.close()
+
+
+def create_user(connection: sqlite3.Connection, username: str) -> str:
+    """Insert a user and return their fresh API token (only its digest is stored)."""
+    token = secrets.token_urlsafe(20)
+    try:
+        connection.execute(SQL_INSERT_USER, (str(uuidlib.uuid4()), username, token_digest(token)))
+    except sqlite3.IntegrityError as error:
+        if "UNIQUE" in str(error):
+            raise NotFound(f"user {username} exists already") from error
+        raise NotFound(f"invalid username {username!r}") from error
+    return token
+
+
+def _user_id(connection: sqlite3.Connection, username: str) -> int:
+    row = connection.execute(SQL_USER_ID_BY_NAME, (username,)).fetchone()
+    if row is None:
+        raise NotFound(f"no such user: {username}")
+    return row[0]
+
+
+def create_feed(connection: sqlite3.Connection, username: str, group_uuid: str | None, label: str,
+                busy: bool, alarms: bool) -> str:
+    """Insert a feed and return its secret (only its digest is stored)."""
+    user_id = _user_id(connection, username)
+    group_id = None
+    if group_uuid is not None:
+        row = None
+        if UUID_PATTERN.fullmatch(group_uuid):
+            row = connection.execute(SQL_GROUP_BY_UUID, {"group": group_uuid.lower(), "user": user_id}).fetchone()
+        if row is None:
+            raise NotFound(f"group not found or not {username}'s: {group_uuid}")
+        group_id = row[0]
+    secret = secrets.token_urlsafe(32)
+    connection.execute(SQL_INSERT_FEED, (user_id, group_id, token_digest(secret), label,
+                                         "busy" if busy else "full", int(alarms)))
+    return secret
+
+
+DEMO_NAMESPACE = uuidlib.UUID("6f0b7c1e-5a43-4d2b-9c4e-2f1d8a7b3c10")
+
+
+def _demo_uuid(name: str) -> str:
+    return str(uuidlib.uuid5(DEMO_NAMESPACE, name))
+
+
+def create_demo(connection: sqlite3.Connection) -> tuple[str, str]:
+    """The demo data (once), and a fresh token for the demo user: (token, uuid of the demo's Work group)."""
+    apply_schema(connection)
+    token = secrets.token_urlsafe(20)
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        row = connection.execute(SQL_USER_ID_BY_NAME, ("demo",)).fetchone()
+        if row is None:
+            _insert_demo_data(connection, token_digest(token))
+        else:
+            connection.execute(SQL_SET_USER_TOKEN, (token_digest(token), row[0]))
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    return token, _demo_uuid("group:work")
+
+
+def _insert_demo_data(connection: sqlite3.Connection, digest: str) -> None:
+    """A user, groups and slots that exercise every feature of the export (SPEC §4)."""
+    run = connection.execute
+    run("INSERT INTO users (id, uuid, username, token_digest) VALUES (NULL, ?, 'demo', ?)",
+        (_demo_uuid("user:demo"), digest))
+    demo = run("SELECT id FROM users WHERE username = 'demo'").fetchone()[0]
+    run("INSERT OR IGNORE INTO users (uuid, username) VALUES (?, 'demo-friend')", (_demo_uuid("user:friend"),))
+    friend = run("SELECT id FROM users WHERE username = 'demo-friend'").fetchone()[0]
+    groups = {}
+    for key, name, owner in (("work", "Work", demo), ("family", "Family; Friends, and more", demo),
+                             ("club", "Book club (shared with demo)", friend)):
+        run("INSERT INTO slot_groups (uuid, name, owner_id) VALUES (?, ?, ?)", (_demo_uuid("group:" + key), name, owner))
+        groups[key] = run("SELECT id FROM slot_groups WHERE uuid = ?", (_demo_uuid("group:" + key),)).fetchone()[0]
+    run("INSERT INTO memberships (group_id, user_id) VALUES (?, ?)", (groups["club"], demo))
+    office = run("INSERT INTO locations (name, street, postal_code, city, country, latitude, longitude) "
+                 "VALUES ('Office', 'Friedrichstraße 123', '10117', 'Berlin', 'Germany', 52.520008, 13.404954)"
+                 ).lastrowid
+    cafe = run("INSERT INTO locations (name, city) VALUES ('Café Noir', 'Paris')").lastrowid
+    slots = (
+        # key, title, description, start, end, all_day, rrule, visibility, location, alerts, groups
+        ("standup", "Team stand-up", "Daily sync; keep it short, please.", "2026-12-01T09:00:00Z",
+         "2026-12-01T09:15:00Z", 0, "FREQ=WEEKLY;BYDAY=MO,TU,WE,TH,FR;UNTIL=20270331T090000Z", "friends",
+         office, (5, 15), ("work",)),
+        ("review", "Quarterly review \u2013 Q4 \U0001F4C8", "Agenda:\n1. Numbers\n2. Plans\\Ideas",
+         "2026-12-10T13:00:00Z", "2026-12-10T15:30:00Z", 0, "", "private", office, (30,), ("work",)),
+        ("holiday", "Winter holiday", "", "2026-12-24T00:00:00Z", "2026-12-31T00:00:00Z", 1, "", "public",
+         None, (), ("family",)),
+        ("birthday", "Grandma's birthday \U0001F382", "Bring flowers", "2026-03-14T00:00:00Z", None, 1,
+         "FREQ=YEARLY", "foaf", cafe, (1440,), ("family",)),
+        ("book", "Book club: \u00ab\u0391\u03bd\u03b1\u03b3\u03ad\u03bd\u03bd\u03b7\u03c3\u03b7\u00bb", "We read "
+         "a long novel this month; the description is long enough to be folded across several lines of the "
+         "calendar file, which every client must unfold again.", "2026-12-05T18:00:00Z", None, 0,
+         "FREQ=MONTHLY;BYDAY=1SA;COUNT=6", "public", cafe, (), ("club",)),
+        ("gym", "Gym", "", "2026-12-02T17:00:00Z", "2026-12-02T18:00:00Z", 0, "", "private", None, (0,), ()),
+        ("deleted", "A deleted slot (never exported)", "", "2026-12-03T10:00:00Z", None, 0, "", "public",
+         None, (), ("work",)),
+    )
+    for key, title, description, start, end, all_day, rule, visibility, location, alerts, in_groups in slots:
+        slot = run("INSERT INTO slots (uuid, creator_id, title, description, start_at, end_at, all_day, rrule, "
+                   "visibility, location_id, created_at, updated_at, deleted_at) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '2026-11-01T10:00:00Z', '2026-11-20T08:30:00Z', ?)",
+                   (_demo_uuid("slot:" + key), demo, title, description, start, end, all_day, rule, visibility,
+                    location, "2026-11-21T00:00:00Z" if key == "deleted" else None)).lastrowid
+        for minutes in alerts:
+            run("INSERT INTO slot_alerts (slot_id, minutes_before) VALUES (?, ?)", (slot, minutes))
+        for group in in_groups:
+            run("INSERT INTO group_slots (group_id, slot_id) VALUES (?, ?)", (groups[group], slot))
+
+
+def _feed_urls(base_url: str, secret: str) -> tuple[str, str]:
+    base = base_url.rstrip("/")
+    url = f"{base}/v1/feeds/{secret}.ics"
+    return url, "webcal://" + url.split("://", 1)[1]
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line on stderr (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    database = _ArgumentParser(add_help=False)
+    database.add_argument("--db", default=None,
+                          help=f"SQLite database (default: $TIMESLOT_DB, else {DEFAULT_DB})")
+    parser = _ArgumentParser(prog="timeslot-export", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
+    commands.add_parser("initdb", parents=[database], help="create the schema (idempotent)")
+    add_user = commands.add_parser("add-user", parents=[database], help="create a user and print a token")
+    add_user.add_argument("username")
+    commands.add_parser("demo", parents=[database], help="a demo database; prints a token and a curl command")
+    serve_command = commands.add_parser("serve", parents=[database], help="serve the WSGI application")
+    serve_command.add_argument("--host", default="127.0.0.1")
+    serve_command.add_argument("--port", type=int, default=8000)
+    serve_command.add_argument("--threads", type=int, default=16)
+    export = commands.add_parser("export", parents=[database], help="write a user's calendar")
+    export.add_argument("username")
+    export.add_argument("--group", help="uuid of one group")
+    export.add_argument("-o", "--output", help="file to write (default: standard output)")
+    feed = commands.add_parser("feed", help="subscription feeds").add_subparsers(
+        dest="feed_command", required=True, parser_class=_ArgumentParser)
+    create = feed.add_parser("create", parents=[database], help="create a feed and print its secret URL once")
+    create.add_argument("username")
+    create.add_argument("--group", help="uuid of one group (default: all the user's slots)")
+    create.add_argument("--label", default="")
+    create.add_argument("--busy", action="store_true", help="show only busy times")
+    create.add_argument("--no-alarms", action="store_true", help="leave out alarms")
+    create.add_argument("--base-url", default="http://127.0.0.1:8000")
+    listing = feed.add_parser("list", parents=[database], help="list a user's feeds (never their secrets)")
+    listing.add_argument("username")
+    revoke = feed.add_parser("revoke", parents=[database], help="revoke a feed")
+    revoke.add_argument("id", type=int)
+    return parser
+
+
+def _command(arguments: argparse.Namespace, config: Config, out) -> int:
+    """Run one parsed command; errors are raised and turned into one line by ``main``."""
+    path = config.db_path
+    command = arguments.command
+    if command == "serve":
+        if not 0 <= arguments.port <= 65535 or not 1 <= arguments.threads <= 1024:
+            raise ConfigError("--port must be 0-65535 (0: any free port) and --threads 1-1024")
+        logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        app = ExportApp(config)
+        app.database.check()
+        serve(app, arguments.host, arguments.port, arguments.threads,
+              ready=lambda line: print(line, file=out, flush=True))
+        return 0
+    if command == "export":
+        database = Database(path, config.busy_timeout_ms)
+        database.check()
+        if arguments.output is None:
+            export_to(database, arguments.username, arguments.group, out.buffer)
+            out.flush()
+            return 0
+        partial = arguments.output + ".part"
+        try:
+            with open(partial, "wb") as output:
+                export_to(database, arguments.username, arguments.group, output)
+            os.replace(partial, arguments.output)   # the old file stays whole until the new one is
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+        return 0
+    connection = connect_for_writing(path, create=command in ("initdb", "demo"))
+    try:
+        if command == "initdb":
+            apply_schema(connection)
+            print(f"Database ready: {path}", file=out)
+        elif command == "add-user":
+            token = create_user(connection, arguments.username)
+            print(f"User {arguments.username} created. API token (shown once):\n{token}", file=out)
+        elif command == "demo":
+            token, group = create_demo(connection)
+            _print_demo(path, token, group, out)
+        elif command == "feed":
+            _feed_command(connection, arguments, out)
+    finally:
+        connection.close()
+    return 0
+
+
+def _print_demo(path: str, token: str, group: str, out) -> None:
+    curl = ('curl "http://127.0.0.1:8000/v1/export/ical" -d \'{data}\' -X POST \\\n'
+            '    -H "Content-Type: application/json" -H "Accept: text/plain" \\\n'
+            f'    -H "Authorization: Token token={token}"')
+    print(f"Demo database ready: {path}\nUser: demo\nAPI token: {token}\n\n"
+          f"Export all the demo user's slots (with `make run` serving):\n{curl.format(data='')}\n\n"
+          f"Export the Work group:\n{curl.format(data=json.dumps({'group': group}))}", file=out)
+
+
+def _feed_command(connection: sqlite3.Connection, arguments: argparse.Namespace, out) -> None:
+    if arguments.feed_command == "create":
+        if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", arguments.base_url):
+            raise ConfigError(f"--base-url must be an http:// or https:// URL, not {arguments.base_url!r}")
+        secret = create_feed(connection, arguments.username, arguments.group, arguments.label,
+                             arguments.busy, not arguments.no_alarms)
+        url, webcal = _feed_urls(arguments.base_url, secret)
+        print(f"Feed created for {arguments.username}. Its URL is shown only now:\n{url}\n{webcal}", file=out)
+    elif arguments.feed_command == "list":
+        rows = connection.execute(SQL_LIST_FEEDS, (_user_id(connection, arguments.username),)).fetchall()
+        print("id\tlabel\tgroup\tkind\tcreated\trevoked", file=out)
+        for feed_id, label, group, details, alarms, created, revoked in rows:
+            kind = details + ("" if alarms else ", no alarms")
+            print(f"{feed_id}\t{_printable(label)}\t{group or 'all'}\t{kind}\t{created}\t{revoked or '-'}", file=out)
+    else:
+        row = connection.execute(SQL_FEED_EXISTS, (arguments.id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no feed with id {arguments.id}")
+        if row[0] is not None:
+            print(f"Feed {arguments.id} was already revoked at {row[0]}.", file=out)
+        else:
+            connection.execute(SQL_REVOKE_FEED, (arguments.id,))
+            print(f"Feed {arguments.id} revoked.", file=out)
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None, out=None) -> int:
+    """The command line (SPEC §5): every error is one line on stderr and a non-zero exit."""
+    out = out or sys.stdout
+    arguments = _parser().parse_args(argv)
+    try:
+        config = Config.from_environ(os.environ if environ is None else environ, db_path=arguments.db)
+        return _command(arguments, config, out)
+    except (ConfigError, NotFound) as error:
+        print(f"timeslot-export: {error}", file=sys.stderr)
+        return 1
+    except DatabaseUnavailable as error:
+        print(f"timeslot-export: database unavailable: {error}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as error:
+        print(f"timeslot-export: database error: {error}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 1                                   # the reader of standard output went away
+    except OSError as error:
+        print(f"timeslot-export: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
