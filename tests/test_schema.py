@@ -1,0 +1,165 @@
+"""SPEC §2: the schema rejects every value the exporter could not represent, and exports are index scans."""
+
+import datetime
+import random
+import sqlite3
+
+import pytest
+
+import timeslot_export
+
+GOOD_SLOT = {"uuid": "00000000-0000-4000-8000-0000000000aa", "creator_id": 1, "title": "t",
+             "start_at": "2019-02-28T10:00:00Z"}
+
+
+@pytest.fixture
+def db(data):
+    data.user("owner")
+    return data.db
+
+
+def insert(db, table, **values):
+    names = ", ".join(values)
+    db.execute(f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' for _ in values)})", tuple(values.values()))
+
+
+@pytest.mark.parametrize("column, value", [
+    ("start_at", "2019-02-30T10:00:00Z"), ("start_at", "2019-02-28T24:00:00Z"), ("start_at", "2019-02-28 10:00:00Z"),
+    ("start_at", "2019-02-28T10:00:00"), ("start_at", "2019-02-28T10:00:00.000Z"), ("start_at", "2019-02-28T10:00Z"),
+    ("start_at", "2019-02-28T10:00:00+01:00"), ("start_at", "2019-13-01T10:00:00Z"), ("start_at", "2019-2-28T10:00:00Z"),
+    ("start_at", "0000-01-01T00:00:00Z"), ("start_at", " 2019-02-28T10:00:00Z"), ("start_at", 20190228),
+    ("start_at", None), ("start_at", "2019-04-31T00:00:00Z"), ("start_at", "2019-02-28T10:60:00Z"),
+    ("end_at", "2019-02-28T09:59:59Z"), ("end_at", "2019-02-29T10:00:00Z"),
+    ("created_at", "yesterday"), ("updated_at", "2019-02-28T10:00:61Z"), ("deleted_at", "2019-02-28"),
+    ("uuid", "00000000-0000-4000-8000-0000000000AA"), ("uuid", "000000000000-4000-8000-0000000000aa0000"),
+    ("uuid", "{00000000-0000-4000-8000-0000000000aa}"), ("uuid", "00000000000040008000000000000aa"),
+    ("uuid", "------------------------------------"), ("uuid", "00000000-0000-4000-8000-0000000000ag"),
+    ("visibility", "secret"), ("visibility", "PUBLIC"), ("all_day", 2), ("all_day", None),
+    ("rrule", "FREQ=DAILY\r\nX-EVIL:1"), ("rrule", "FREQ=DAILY\n"), ("rrule", "FREQ=DAILY:"), ("rrule", "FREQ DAILY"),
+    ("rrule", None), ("title", None), ("title", b"blob"), ("description", None),
+    ("creator_id", 99), ("location_id", 99),
+])
+def test_slot_values_the_exporter_cannot_represent_are_rejected(db, column, value):
+    db.execute("PRAGMA foreign_keys = ON")
+    with pytest.raises(sqlite3.IntegrityError):
+        insert(db, "slots", **{**GOOD_SLOT, column: value})
+
+
+@pytest.mark.parametrize("values", [
+    {"latitude": 1.0}, {"longitude": 1.0}, {"latitude": 90.5, "longitude": 0}, {"latitude": 0, "longitude": -180.1},
+    {"latitude": float("inf"), "longitude": 0}, {"latitude": "north", "longitude": 0}, {"name": None}, {"country": b"x"},
+])
+def test_location_values_the_exporter_cannot_represent_are_rejected(db, values):
+    with pytest.raises(sqlite3.IntegrityError):
+        insert(db, "locations", **values)
+
+
+@pytest.mark.parametrize("table, values", [
+    ("slot_alerts", {"slot_id": 1, "minutes_before": -1}),
+    ("slot_alerts", {"slot_id": 1, "minutes_before": 1.5}),
+    ("users", {"uuid": "00000000-0000-4000-8000-000000000009", "username": ""}),
+    ("users", {"uuid": "00000000-0000-4000-8000-000000000009", "username": "x", "token_digest": "ABC"}),
+    ("users", {"uuid": "00000000-0000-4000-8000-000000000009", "username": "x", "token_digest": "A" * 64}),
+    ("feeds", {"user_id": 1, "token_digest": "a" * 64, "details": "partial"}),
+    ("feeds", {"user_id": 1, "token_digest": "a" * 64, "alarms": 2}),
+    ("feeds", {"user_id": 1, "token_digest": "a" * 63}),
+])
+def test_other_values_the_exporter_cannot_represent_are_rejected(db, table, values):
+    insert(db, "slots", **GOOD_SLOT)
+    with pytest.raises(sqlite3.IntegrityError):
+        insert(db, table, **values)
+
+
+def test_valid_values_are_accepted_with_the_documented_defaults(db):
+    insert(db, "locations", name="x", latitude=-90, longitude=180.0)
+    insert(db, "slots", **GOOD_SLOT, end_at="2019-02-28T10:00:00Z", location_id=1,
+           rrule="FREQ=WEEKLY;BYDAY=-1SU,+2MO;UNTIL=20200101T000000Z")
+    row = db.execute("SELECT all_day, visibility, description, rrule FROM slots").fetchone()
+    assert row == (0, "private", "", "FREQ=WEEKLY;BYDAY=-1SU,+2MO;UNTIL=20200101T000000Z")
+    insert(db, "slot_alerts", slot_id=1, minutes_before=0)
+    insert(db, "feeds", user_id=1, token_digest="a" * 64)
+    assert db.execute("SELECT details, alarms, label FROM feeds").fetchone() == ("full", 1, "")
+
+
+def test_column_affinity_stores_convertible_values_in_the_right_type(db):
+    """'1' in an INTEGER column and 5 in a TEXT column are converted on insert, so they are exportable."""
+    insert(db, "slots", **{**GOOD_SLOT, "all_day": "1", "title": 5})
+    insert(db, "slot_alerts", slot_id=1, minutes_before="5")
+    assert db.execute("SELECT typeof(all_day), typeof(title) FROM slots").fetchone() == ("integer", "text")
+    assert db.execute("SELECT typeof(minutes_before) FROM slot_alerts").fetchone() == ("integer",)
+
+
+def test_every_real_instant_is_accepted(db):
+    """A seeded sample of valid instants, leap days and the range's ends included, all pass the CHECK."""
+    generator = random.Random(5545)
+    start = datetime.datetime(1, 1, 1)
+    instants = [datetime.datetime(9999, 12, 31, 23, 59, 59), datetime.datetime(2020, 2, 29, 12), start]
+    instants += [start + datetime.timedelta(seconds=generator.randrange(315537897600)) for _ in range(3000)]
+    for number, instant in enumerate(instants):
+        text = f"{instant.year:04d}-{instant:%m-%dT%H:%M:%S}Z"
+        insert(db, "slots", **{**GOOD_SLOT, "uuid": f"00000000-0000-4000-8000-{number:012d}", "start_at": text})
+
+
+def test_foreign_keys_are_declared(db):
+    declared = {(table, row[2]) for table in ("slot_groups", "memberships", "slots", "slot_alerts", "group_slots",
+                                              "feeds")
+                for row in db.execute(f"PRAGMA foreign_key_list({table})")}
+    assert declared == {("slot_groups", "users"), ("memberships", "slot_groups"), ("memberships", "users"),
+                        ("slots", "users"), ("slots", "locations"), ("slot_alerts", "slots"),
+                        ("group_slots", "slot_groups"), ("group_slots", "slots"), ("feeds", "users"),
+                        ("feeds", "slot_groups")}
+
+
+@pytest.mark.parametrize("sql, parameters", [
+    (timeslot_export.SQL_USER_SLOTS, (1,)), (timeslot_export.SQL_GROUP_SLOTS, (1, 1)),
+    (timeslot_export.SQL_USER_BY_TOKEN, ("a" * 64,)), (timeslot_export.SQL_FEED_BY_DIGEST, ("a" * 64,)),
+    (timeslot_export.SQL_GROUP_BY_UUID, {"group": "x", "user": 1}),
+    (timeslot_export.SQL_GROUP_BY_ID, {"group": 1, "user": 1}),
+])
+def test_export_queries_are_index_searches_not_table_scans(db, sql, parameters):
+    steps = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql, parameters)]
+    assert not [step for step in steps if step.startswith("SCAN") or "TEMP B-TREE" in step], steps
+    assert all(step.startswith("SEARCH") for step in steps if not step.startswith("CORRELATED")), steps
+
+
+def version(db, user_id):
+    row = db.execute("SELECT version FROM export_versions WHERE user_id = ?", (user_id,)).fetchone()
+    return None if row is None else row[0]
+
+
+def test_export_version_advances_on_every_change_the_users_exports_show(data):
+    alice, _ = data.user("alice")
+    bob, _ = data.user("bob")
+    group_id, _ = data.group(alice)
+    data.member(group_id, bob)
+    location = data.location(name="Here")
+    slot_id, _ = data.slot(alice, groups=[group_id], location_id=location)
+    changes = [
+        "UPDATE slots SET title = 'new' WHERE id = :slot",
+        "INSERT INTO slot_alerts (slot_id, minutes_before) VALUES (:slot, 5)",
+        "DELETE FROM slot_alerts WHERE slot_id = :slot",
+        "UPDATE locations SET name = 'There' WHERE id = :location",
+        "UPDATE group_slots SET deleted_at = '2020-01-01T00:00:00Z' WHERE slot_id = :slot",
+        "UPDATE slot_groups SET name = 'Renamed' WHERE id = :group",
+        "UPDATE slots SET deleted_at = '2020-01-01T00:00:00Z' WHERE id = :slot",
+    ]
+    for change in changes:
+        before = version(data.db, alice)
+        data.db.execute(change, {"slot": slot_id, "location": location, "group": group_id})
+        assert version(data.db, alice) > before, change
+    before = version(data.db, bob)
+    data.db.execute("UPDATE slot_groups SET name = 'Again' WHERE id = ?", (group_id,))
+    assert version(data.db, bob) > before, "a member sees the group's name"
+    data.db.execute("UPDATE memberships SET deleted_at = '2020-01-01T00:00:00Z'")
+    assert version(data.db, bob) > before + 1
+
+
+def test_export_version_ignores_other_users_changes(data):
+    alice, _ = data.user("alice")
+    bob, _ = data.user("bob")
+    data.slot(alice)
+    before = version(data.db, alice)
+    bob_slot, _ = data.slot(bob)
+    data.db.execute("UPDATE slots SET title = 'x' WHERE id = ?", (bob_slot,))
+    data.group(bob)
+    assert version(data.db, alice) == before
