@@ -438,17 +438,28 @@ CLASS_BY_VISIBILITY = {"public": "PUBLIC", "private": "PRIVATE", "friends": "CON
 # characters (not TAB) cannot appear in a content line (§3.1 "Control characters are not permitted"),
 # so they are dropped; a lone surrogate cannot be encoded as UTF-8 and becomes U+FFFD.
 _TEXT_NEEDS_WORK = re.compile("[\\\\;,\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
-_TEXT_TRANSLATION = {ord("\\"): "\\\\", ord(";"): "\\;", ord(","): "\\,", ord("\n"): "\\n", ord("\r"): "\\n"}
-_TEXT_TRANSLATION.update({code: None for code in [*range(0x00, 0x09), *range(0x0B, 0x0D), *range(0x0E, 0x20),
-                                                  0x7F]})
-_TEXT_TRANSLATION.update({code: "\ufffd" for code in range(0xD800, 0xE000)})
+_TEXT_DROPPED = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def escape_text(value: str) -> str:
-    """A TEXT value (§3.3.11) that no stored character can break out of."""
+    """A TEXT value (§3.3.11) that no stored character can break out of.
+
+    A chain of str.replace runs at C speed; str.translate with multi-character replacements takes a
+    per-character slow path in CPython (8 µs for a short title), and this is the export's hot loop."""
     if _TEXT_NEEDS_WORK.search(value) is None:
         return value
-    return value.replace("\r\n", "\n").translate(_TEXT_TRANSLATION)
+    value = (value.replace("\\", "\\\\").replace(";", "\\;").replace(",", "\\,")
+             .replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\\n"))
+    if not value.isprintable():          # rare (TAB, U+2028, controls, surrogates): a C scan rules it out
+        value = _SURROGATE.sub("\ufffd", _TEXT_DROPPED.sub("", value))
+    return value
+
+
+# Greedy pieces of at most 75 (first line) or 74 (continuations, after their SPACE) octets that never end
+# before a UTF-8 continuation byte: the regex backs off to the start of a character in C.
+_FIRST_PIECE = re.compile(b"(?s).{1,75}(?![\x80-\xbf])")
+_NEXT_PIECE = re.compile(b"(?s).{1,74}(?![\x80-\xbf])")
 
 
 def fold_line(line: str) -> str:
@@ -457,24 +468,34 @@ def fold_line(line: str) -> str:
     Each continuation starts with one SPACE, which counts toward its 75 octets. A fold never falls
     inside a UTF-8 sequence, nor between a backslash and the character it escapes (clients that unfold
     before unescaping would otherwise see the pair split)."""
-    if len(line) <= 75 and (line.isascii() or len(line.encode("utf-8")) <= 75):
+    ascii_only = line.isascii()
+    if len(line) <= 75 and (ascii_only or len(line.encode("utf-8")) <= 75):
         return line
+    if ascii_only and "\\" not in line:      # one octet per character, no escape pair to keep whole
+        return "\r\n ".join([line[:75]] + [line[i:i + 74] for i in range(75, len(line), 74)])
     data = line.encode("utf-8")
+    first = _FIRST_PIECE.match(data).end()
+    folded = b"\r\n ".join([data[:first]] + _NEXT_PIECE.findall(data, first))
+    if b"\\\r\n " in folded:                # a fold right after a backslash: maybe inside an escape pair
+        folded = b"\r\n ".join(_pieces_keeping_escapes(data))
+    return folded.decode("utf-8")
+
+
+def _pieces_keeping_escapes(data: bytes) -> list[bytes]:
+    """The greedy pieces of fold_line, each moved back one octet where it would end in an escape's start."""
+    size = len(data)
     pieces = []
-    start, room = 0, 75
-    while len(data) - start > room:
-        cut = start + room
-        while data[cut] & 0xC0 == 0x80:            # a UTF-8 continuation byte: back to the lead byte
-            cut -= 1
-        backslashes = 0
-        while data[cut - 1 - backslashes] == 0x5C:  # an odd run of backslashes ends in an escape's start
-            backslashes += 1
-        if backslashes % 2:
-            cut -= 1
+    start, piece = 0, _FIRST_PIECE
+    while start < size:
+        cut = piece.match(data, start).end()
+        if data[cut - 1] == 0x5C and cut < size:  # an odd run of backslashes ends in an escape's start
+            backslashes = 1
+            while data[cut - 1 - backslashes] == 0x5C:
+                backslashes += 1
+            cut -= backslashes % 2
         pieces.append(data[start:cut])
-        start, room = cut, 74
-    pieces.append(data[start:])
-    return b"\r\n ".join(pieces).decode("utf-8")
+        start, piece = cut, _NEXT_PIECE
+    return pieces
 
 
 def text_property(name: str, value: str) -> str:
@@ -488,6 +509,7 @@ def format_decimal(value: float) -> str:
     return "0" if text == "-0" else text
 
 
+@functools.lru_cache(maxsize=4096)
 def _next_day(basic_date: str) -> str | None:
     """The date after YYYYMMDD, or None after 9999-12-31 (the last date iCalendar can write)."""
     day = datetime.date(int(basic_date[:4]), int(basic_date[4:6]), int(basic_date[6:8]))
@@ -643,41 +665,44 @@ def _location_text(name: str, street: str, postal_code: str, city: str, country:
 
 
 def write_event(row: tuple, style: CalendarStyle) -> str:
-    """One VEVENT (with its VALARMs) for a slot row of SQL_USER_SLOTS, in the property order of SPEC §4."""
+    """One VEVENT (with its VALARMs) for a slot row of SQL_USER_SLOTS, in the property order of SPEC §4.
+
+    This runs once per slot, so each block is one f-string (one allocation) rather than a chain of +."""
     (uid, created, updated, start, end, all_day, rule, visibility, title, description,
      place, street, postal_code, city, country, latitude, longitude, alerts) = row
     if all_day:
-        times = "DTSTART;VALUE=DATE:" + start[:8] + CRLF
         end_date = _next_day((end or start)[:8])   # DTEND is exclusive (§3.6.1): the day after the last
-        if end_date is not None:
-            times += "DTEND;VALUE=DATE:" + end_date + CRLF
+        times = f"DTSTART;VALUE=DATE:{start[:8]}\r\n" + (f"DTEND;VALUE=DATE:{end_date}\r\n" if end_date else "")
     elif end is None or end == start:
-        times = "DTSTART:" + start + CRLF
+        times = f"DTSTART:{start}\r\n"
     else:
-        times = "DTSTART:" + start + CRLF + "DTEND:" + end + CRLF
-    recurrence, problem = format_recurrence(rule, bool(all_day))
-    if problem:
-        logger.warning("slot %s: invalid RRULE %r left out: %s", uid, rule, problem)
-    head = ("BEGIN:VEVENT" + CRLF + "UID:" + uid + CRLF + "DTSTAMP:" + updated + CRLF + "CREATED:" + created
-            + CRLF + "LAST-MODIFIED:" + updated + CRLF + times + recurrence)
+        times = f"DTSTART:{start}\r\nDTEND:{end}\r\n"
+    recurrence = ""
+    if rule:
+        recurrence, problem = format_recurrence(rule, bool(all_day))
+        if problem:
+            logger.warning("slot %s: invalid RRULE %r left out: %s", uid, rule, problem)
+    head = (f"BEGIN:VEVENT\r\nUID:{uid}\r\nDTSTAMP:{updated}\r\nCREATED:{created}\r\n"
+            f"LAST-MODIFIED:{updated}\r\n{times}{recurrence}")
     if style.busy:
-        return head + "CLASS:PRIVATE" + CRLF + "SUMMARY:Busy" + CRLF + "END:VEVENT" + CRLF
-    summary = escape_text(_decode(title))
-    lines = [head, "CLASS:", CLASS_BY_VISIBILITY[visibility], CRLF, fold_line("SUMMARY:" + summary), CRLF,
-             text_property("DESCRIPTION", _decode(description))]
-    location = _location_text(_decode(place), _decode(street), _decode(postal_code), _decode(city),
-                              _decode(country))
-    if location:
-        lines.append(text_property("LOCATION", location))
+        return f"{head}CLASS:PRIVATE\r\nSUMMARY:Busy\r\nEND:VEVENT\r\n"
+    summary = escape_text(title.decode("utf-8", "replace"))            # title, description: NOT NULL
+    description_text = escape_text(description.decode("utf-8", "replace"))
+    event = (f"{head}CLASS:{CLASS_BY_VISIBILITY[visibility]}\r\n{fold_line('SUMMARY:' + summary)}\r\n"
+             f"{fold_line('DESCRIPTION:' + description_text)}\r\n")
+    if place is not None:    # locations.name is NOT NULL: None means the slot has no location
+        location = _location_text(_decode(place), _decode(street), _decode(postal_code), _decode(city),
+                                  _decode(country))
+        if location:
+            event += text_property("LOCATION", location)
     if latitude is not None:
-        lines.append("GEO:" + format_decimal(latitude) + ";" + format_decimal(longitude) + CRLF)
+        event += f"GEO:{format_decimal(latitude)};{format_decimal(longitude)}\r\n"
     if alerts is not None and style.alarms:
-        description_line = fold_line("DESCRIPTION:" + summary) + CRLF
+        alarm_description = fold_line("DESCRIPTION:" + summary)
         for minutes in sorted(map(int, alerts.split(","))):
-            lines.append("BEGIN:VALARM" + CRLF + "ACTION:DISPLAY" + CRLF + description_line
-                         + f"TRIGGER:-PT{minutes}M" + CRLF + "END:VALARM" + CRLF)
-    lines.append("END:VEVENT" + CRLF)
-    return "".join(lines)
+            event += (f"BEGIN:VALARM\r\nACTION:DISPLAY\r\n{alarm_description}\r\n"
+                      f"TRIGGER:-PT{minutes}M\r\nEND:VALARM\r\n")
+    return event + "END:VEVENT\r\n"
 
 
 def write_calendar(batches: Iterable[list[tuple]], style: CalendarStyle) -> Iterator[bytes]:
@@ -689,9 +714,9 @@ def write_calendar(batches: Iterable[list[tuple]], style: CalendarStyle) -> Iter
             event = write_event(row, style)
             parts.append(event)
             size += len(event)
-        if size >= CHUNK_CHARS:
-            yield "".join(parts).encode("utf-8")
-            parts, size = [], 0
+            if size >= CHUNK_CHARS:
+                yield "".join(parts).encode("utf-8")
+                parts, size = [], 0
     parts.append(CALENDAR_FOOTER)
     yield "".join(parts).encode("utf-8")
 
@@ -799,7 +824,7 @@ def _media_parameters(header: str) -> Iterator[tuple[str, float]]:
 
 def accepts(header: str, token: str) -> bool:
     """Whether an Accept or Accept-Encoding header names ``token`` with a quality above zero."""
-    return any(name == token and quality > 0 for name, quality in _media_parameters(header))
+    return token in header.lower() and any(name == token and quality > 0 for name, quality in _media_parameters(header))
 
 
 def etag_matches(if_none_match: str, etag: str) -> bool:
@@ -871,6 +896,8 @@ def _body_parameters(media_type: str, text: str) -> list[tuple[str, object]]:
 
 def _form_pairs(text: str) -> list[tuple[str, object]]:
     """Pairs of a form body or query string; percent-escapes must decode as UTF-8."""
+    if not text:
+        return []
     try:
         return urllib.parse.parse_qsl(text, keep_blank_values=True, encoding="utf-8", errors="strict",
                                       max_num_fields=MAX_FORM_FIELDS)
@@ -1061,6 +1088,9 @@ def route(method: str, path: str) -> tuple[Handler, dict[str, str]]:
 # Application: the WSGI callable
 # ---------------------------------------------------------------------------------------------------
 
+# What a 204 or 304 must not carry: they have no content (RFC 9110 §15.3.5, §15.4.5).
+CONTENT_HEADERS = frozenset({"Content-Type", "Content-Length", "Content-Disposition", "Content-Transfer-Encoding",
+                             "Content-Encoding"})
 SECURITY_HEADERS = [("X-Frame-Options", "SAMEORIGIN"), ("X-Content-Type-Options", "nosniff"),
                     ("X-XSS-Protection", "1; mode=block")]
 CORS_EXPOSED = "Content-Disposition, ETag, X-Request-Id"
@@ -1134,15 +1164,18 @@ class ExportApp:
     def _send(self, request: Request, response: Response, start_response: Callable,
               started: float) -> Iterable[bytes]:
         """The one place that calls start_response: common headers, CORS, no body for HEAD."""
-        headers = response.headers + SECURITY_HEADERS + [("X-Request-Id", request.id)]
+        status = response.status
+        headers = response.headers
+        if status in (HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED):
+            headers = [(name, value) for name, value in headers if name not in CONTENT_HEADERS]
+        headers = headers + SECURITY_HEADERS + [("X-Request-Id", request.id)]
         origin = request.header("Origin")
         if origin and origin in self.config.cors_origins:
             headers += [("Access-Control-Allow-Origin", origin), ("Access-Control-Expose-Headers", CORS_EXPOSED)]
         headers.append(("X-Runtime", f"{time.perf_counter() - started:.6f}"))
-        for name, value in headers:
-            if "\r" in value or "\n" in value:
-                raise ValueError(f"header {name} would contain a line break")
-        status = response.status
+        values = "".join(value for _, value in headers)
+        if "\r" in values or "\n" in values:        # no header may carry a line break (header injection)
+            raise ValueError(f"a header would contain a line break: {headers!r}")
         start_response(f"{status.value} {status.phrase}", headers)
         body = response.body if request.method != "HEAD" else ()
         if request.method == "HEAD" and hasattr(response.body, "close"):
