@@ -1,0 +1,299 @@
+"""`make bench`: the performance targets of SPEC §7, each a ratio measured in one run.
+
+Absolute times vary from machine to machine (and this one is shared), so every figure is a ratio of two
+things timed in the same run, interleaved, taking the median of the repetitions:
+
+  large   a 100,000-slot export (body produced and consumed in process, ETag included)
+          vs. fetching the same rows with a plain SELECT on the same database          target <= 4x
+  small   a 5-slot export in process (the whole WSGI request)
+          vs. the same SQL statements on an already open connection                     target <= 4x
+  memory  a 1,000,000-slot export: peak memory above the idle process                  target <= 64 MiB
+  load    64 concurrent clients against `serve` while another process writes slots     no 5xx, all answered
+
+Exit status 1 when a target is missed. Data is built once, deterministically, under bench-data/.
+"""
+
+import hashlib
+import io
+import json
+import os
+import random
+import resource
+import sqlite3
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from wsgiref.util import setup_testing_defaults
+
+import timeslot_export
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "bench-data")
+WORDS = ("meeting review lunch call sync planning dentist gym train flight Café Zürich Ærø naïve 東京 会議 "
+         "Москва встреча 🎉 📅 über straße; comma, semi; back\\slash").split()
+RULES = ("", "", "", "", "FREQ=WEEKLY;BYDAY=MO,WE", "FREQ=DAILY;COUNT=10", "FREQ=MONTHLY;BYDAY=-1FR",
+         "FREQ=YEARLY;UNTIL=20300101T000000Z")
+
+
+def token_for(name: str) -> str:
+    return f"bench-token-{name}"
+
+
+def build(path: str, slots: int, seed: int = 7) -> None:
+    """A database with user 'big' owning ``slots`` slots and user 'small' owning 5, deterministically."""
+    if os.path.exists(path):
+        return
+    os.makedirs(DATA, exist_ok=True)
+    generator = random.Random(seed)
+    partial = path + ".part"
+    for leftover in (partial, partial + "-wal", partial + "-shm"):
+        if os.path.exists(leftover):
+            os.remove(leftover)
+    db = sqlite3.connect(partial, isolation_level=None)
+    timeslot_export.apply_schema(db)
+    db.execute("BEGIN")
+    for user_id, name in ((1, "big"), (2, "small")):
+        db.execute("INSERT INTO users (id, uuid, username, token_digest) VALUES (?, ?, ?, ?)",
+                   (user_id, str(uuid.UUID(int=user_id)), name, hashlib.sha256(token_for(name).encode()).hexdigest()))
+    locations = []
+    for n in range(200):
+        with_geo = n % 2 == 0
+        locations.append(db.execute(
+            "INSERT INTO locations (name, street, postal_code, city, country, latitude, longitude) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (f"Place {n}", f"Street {n}", f"{10000 + n}", generator.choice(WORDS), "Germany",
+             generator.uniform(-90, 90) if with_geo else None, generator.uniform(-180, 180) if with_geo else None)
+        ).lastrowid)
+
+    def rows(user_id: int, count: int):
+        for n in range(count):
+            day = generator.randrange(3650)
+            start = time.gmtime(1577836800 + day * 86400 + generator.randrange(86400))
+            all_day = generator.random() < 0.15
+            start_at = time.strftime("%Y-%m-%dT00:00:00Z" if all_day else "%Y-%m-%dT%H:%M:%SZ", start)
+            end_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.mktime(start) - time.timezone
+                                                                      + generator.randrange(900, 3 * 86400)))
+            if all_day:
+                end_at = end_at[:10] + "T00:00:00Z"
+            length = generator.choice((0, 0, 3, 12, 40, 120))
+            description = " ".join(generator.choice(WORDS) for _ in range(length))
+            if generator.random() < 0.2:
+                description += "\nSecond line, with more text."
+            yield (str(uuid.UUID(int=generator.getrandbits(128), version=4)), user_id,
+                   " ".join(generator.choice(WORDS) for _ in range(generator.randrange(1, 6))), description,
+                   start_at, end_at if generator.random() < 0.9 else None, int(all_day), generator.choice(RULES),
+                   generator.choice(("private", "friends", "foaf", "public")),
+                   generator.choice(locations) if generator.random() < 0.4 else None)
+
+    insert = ("INSERT INTO slots (uuid, creator_id, title, description, start_at, end_at, all_day, rrule, visibility, "
+              "location_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+              "'2020-01-01T00:00:00Z', '2020-06-01T12:00:00Z')")
+    db.executemany(insert, rows(1, slots))
+    db.executemany(insert, rows(2, 5))
+    db.execute("INSERT INTO slot_alerts (slot_id, minutes_before) SELECT id, 15 FROM slots WHERE id % 3 = 0")
+    db.execute("INSERT INTO slot_alerts (slot_id, minutes_before) SELECT id, 1440 FROM slots WHERE id % 7 = 0")
+    db.execute("COMMIT")
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    os.replace(partial, path)
+
+
+def request_environ(token: str) -> dict:
+    """The environ a server would build for the seed's POST (built once: that is the server's work)."""
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/v1/export/ical", "HTTP_AUTHORIZATION": f"Token token={token}",
+               "CONTENT_TYPE": "application/json", "HTTP_ACCEPT": "text/plain"}
+    setup_testing_defaults(environ)
+    return environ
+
+
+def wsgi_export(app, token_or_environ) -> int:
+    """One in-process request; returns the body length (the body is produced and consumed)."""
+    base = request_environ(token_or_environ) if isinstance(token_or_environ, str) else token_or_environ
+    environ = {**base, "wsgi.input": io.BytesIO(b"")}
+    status = []
+    result = app(environ, lambda s, h, e=None: status.append(s))
+    try:
+        size = sum(len(chunk) for chunk in result)
+    finally:
+        result.close()
+    if not status[0].startswith("200"):
+        raise SystemExit(f"bench: export answered {status[0]}")
+    return size
+
+
+PLAIN_SELECT = """
+    SELECT s.uuid, s.created_at, s.updated_at, s.start_at, s.end_at, s.all_day, s.rrule, s.visibility, s.title,
+           s.description, l.name, l.street, l.postal_code, l.city, l.country, l.latitude, l.longitude,
+           (SELECT group_concat(a.minutes_before) FROM slot_alerts a WHERE a.slot_id = s.id)
+    FROM slots s LEFT JOIN locations l ON l.id = s.location_id
+    WHERE s.creator_id = ? AND s.deleted_at IS NULL ORDER BY s.start_at, s.uuid"""
+
+
+def interleaved(first, second, repetitions: int) -> tuple[float, float]:
+    """Median seconds of ``first`` and ``second``, run alternately ``repetitions`` times each."""
+    a, b = [], []
+    for _ in range(repetitions):
+        for call, times in ((first, a), (second, b)):
+            started = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - started)
+    return statistics.median(a), statistics.median(b)
+
+
+def bench_large(path: str) -> tuple[float, str]:
+    app = timeslot_export.make_app(path)
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    select = lambda: connection.execute(PLAIN_SELECT, (1,)).fetchall()   # noqa: E731
+    export = lambda: wsgi_export(app, token_for("big"))                  # noqa: E731
+    export(), select()                                                   # warm the page cache
+    exported, selected = interleaved(export, select, 7)
+    size = wsgi_export(app, token_for("big"))
+    return exported / selected, f"export {exported * 1000:.0f} ms ({size / 1e6:.1f} MB), SELECT {selected * 1000:.0f} ms"
+
+
+def bench_small(path: str) -> tuple[float, str]:
+    app = timeslot_export.make_app(path)
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+    digest = hashlib.sha256(token_for("small").encode()).hexdigest()
+
+    def same_sql():
+        connection.execute("BEGIN")
+        user_id, _ = connection.execute(timeslot_export.SQL_USER_BY_TOKEN, (digest,)).fetchone()
+        connection.execute(timeslot_export.SQL_USER_SLOTS, (user_id,)).fetchall()
+        connection.execute("ROLLBACK")
+
+    environ = request_environ(token_for("small"))
+
+    def export():
+        for _ in range(100):
+            wsgi_export(app, environ)
+
+    def sql():
+        for _ in range(100):
+            same_sql()
+
+    export(), sql()
+    exported, queried = interleaved(export, sql, 15)
+    return exported / queried, f"request {exported * 1e4:.0f} µs, same SQL {queried * 1e4:.0f} µs"
+
+
+MEMORY_PROBE = """
+import sys, timeslot_export, bench
+app = timeslot_export.make_app(sys.argv[1])
+bench.wsgi_export(app, bench.token_for("small"))           # idle: imported, configured, one request served
+idle = bench.peak_rss_kib()
+size = bench.wsgi_export(app, bench.token_for("big"))
+print(idle, bench.peak_rss_kib(), size)
+"""
+
+
+def peak_rss_kib() -> int:
+    """This process's peak resident memory. VmHWM belongs to the process image; ru_maxrss would carry the
+    parent's peak across fork and exec on Linux and hide the child's own."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def bench_memory(path: str) -> tuple[float, str]:
+    output = subprocess.run([sys.executable, "-c", MEMORY_PROBE, path], capture_output=True, check=True, cwd=HERE,
+                            text=True).stdout.split()
+    idle, peak, size = (int(value) for value in output)
+    growth = (peak - idle) / 1024
+    return growth, f"idle {idle / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB, body {size / 1e6:.0f} MB streamed"
+
+
+def bench_load(path: str) -> tuple[float, str]:
+    """64 clients x 20 requests against `serve` while another process inserts and updates slots."""
+    writer_db = path + ".load.sqlite3"
+    with sqlite3.connect(path) as source, sqlite3.connect(writer_db) as copy:
+        source.backup(copy)
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(writer_db + suffix):
+            os.remove(writer_db + suffix)
+    with sqlite3.connect(writer_db) as db:
+        db.execute("PRAGMA journal_mode = WAL")
+    server = subprocess.Popen([sys.executable, "-m", "timeslot_export", "serve", "--db", writer_db, "--port", "0",
+                               "--threads", "16"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=HERE, text=True)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, writer_db, "6"], cwd=HERE)
+    statuses: dict[int, int] = {}
+    lock = threading.Lock()
+    try:
+        port = int(server.stdout.readline().split("http://127.0.0.1:")[1].split()[0])
+
+        def client():
+            for _ in range(20):
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/export/ical", data=b"", method="POST",
+                                                 headers={"Authorization": f"Token token={token_for('small')}"})
+                try:
+                    with urllib.request.urlopen(request, timeout=30) as response:
+                        body = response.read()
+                        status = response.status if body.endswith(b"END:VCALENDAR\r\n") else -1
+                except urllib.error.HTTPError as error:
+                    status = error.code
+                except OSError:
+                    status = 0
+                with lock:
+                    statuses[status] = statuses.get(status, 0) + 1
+
+        started = time.perf_counter()
+        clients = [threading.Thread(target=client) for _ in range(64)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join()
+        elapsed = time.perf_counter() - started
+    finally:
+        writer.terminate()
+        server.terminate()
+        server.wait(timeout=30)
+        writer.wait(timeout=30)
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(writer_db + suffix):
+                os.remove(writer_db + suffix)
+    failed = sum(count for status, count in statuses.items() if status != 200)
+    return failed, f"{sum(statuses.values())} requests in {elapsed:.1f} s, statuses {json.dumps(statuses)}"
+
+
+# Inserts and updates slots of user 'small' every few milliseconds until terminated.
+WRITER = """
+import sqlite3, sys, time, uuid
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=5)
+pause = int(sys.argv[2]) / 1000
+while True:
+    db.execute("INSERT INTO slots (uuid, creator_id, title, start_at) VALUES (?, 2, 'written', '2030-01-01T00:00:00Z')",
+               (str(uuid.uuid4()),))
+    db.execute("UPDATE slots SET title = title || '.' WHERE creator_id = 2 AND id = (SELECT max(id) FROM slots)")
+    time.sleep(pause)
+"""
+
+
+def main() -> int:
+    large = os.path.join(DATA, "large-100k.sqlite3")
+    huge = os.path.join(DATA, "huge-1m.sqlite3")
+    print("building data (once) ...", flush=True)
+    build(large, 100_000)
+    build(huge, 1_000_000)
+    results = []
+    for name, run, target, unit, detail in (
+            ("100,000-slot export vs plain SELECT", bench_large, 4.0, "x", None),
+            ("5-slot export vs the same SQL on an open connection", bench_small, 4.0, "x", None),
+            ("1,000,000-slot export, peak memory above idle", bench_memory, 64.0, " MiB", None),
+            ("64 clients x 20 requests vs serve + a writer: failed", bench_load, 0, " requests", None)):
+        value, detail = run(huge if run is bench_memory else large)
+        met = value <= target
+        results.append(met)
+        print(f"{'met   ' if met else 'MISSED'} {name}: {value:.2f}{unit} (target <= {target:g}{unit}); {detail}",
+              flush=True)
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
