@@ -1068,7 +1068,7 @@ Handler = Callable[..., Response]
 ROUTES: tuple[tuple[re.Pattern, dict[str, Handler]], ...] = (
     (re.compile(r"/v1/export/ical"),
      {"GET": handle_export, "HEAD": handle_export, "POST": handle_export, "OPTIONS": handle_preflight}),
-    (re.compile(r"/v1/feeds/(?P<secret>[^/]*)\.ics"), {"GET": handle_feed, "HEAD": handle_feed}),
+    (re.compile(r"/v1/feeds/(?P<secret>.*)\.ics", re.DOTALL), {"GET": handle_feed, "HEAD": handle_feed}),
 )
 
 

@@ -69,7 +69,7 @@ class Factory:
 
     def feed(self, user_id, group_id=None, secret=None, details="full", alarms=1, revoked_at=None):
         """A feed; returns (id, secret)."""
-        secret = secret or f"secret-{next(self._numbers):04d}-abcdefghijklmnopqrstuvwxyz0123456789"
+        secret = secret or f"Secret-{next(self._numbers):04d}-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"
         feed_id = self.db.execute(
             "INSERT INTO feeds (user_id, group_id, token_digest, details, alarms, revoked_at) "
             "VALUES (?, ?, ?, ?, ?, ?)",
