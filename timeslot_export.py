@@ -132,6 +132,17 @@ SQL_LIST_FEEDS = """
 SQL_REVOKE_FEED = """
     UPDATE feeds SET revoked_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now') WHERE id = ? AND revoked_at IS NULL"""
 SQL_FEED_EXISTS = "SELECT revoked_at FROM feeds WHERE id = ?"
+SQL_DEMO_USER = "INSERT OR IGNORE INTO users (uuid, username, token_digest) VALUES (?, ?, ?)"
+SQL_DEMO_GROUP = "INSERT INTO slot_groups (uuid, name, owner_id) VALUES (?, ?, ?)"
+SQL_DEMO_MEMBERSHIP = "INSERT INTO memberships (group_id, user_id) VALUES (?, ?)"
+SQL_DEMO_LOCATION = """
+    INSERT INTO locations (name, street, postal_code, city, country, latitude, longitude) VALUES (?, ?, ?, ?, ?, ?, ?)"""
+SQL_DEMO_SLOT = """
+    INSERT INTO slots (uuid, creator_id, title, description, start_at, end_at, all_day, rrule, visibility,
+                       location_id, created_at, updated_at, deleted_at)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '2026-11-01T10:00:00Z', '2026-11-20T08:30:00Z', ?)"""
+SQL_DEMO_ALERT = "INSERT INTO slot_alerts (slot_id, minutes_before) VALUES (?, ?)"
+SQL_DEMO_GROUP_SLOT = "INSERT INTO group_slots (group_id, slot_id) VALUES (?, ?)"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -219,10 +230,11 @@ class Config:
 # Storage: the only code that touches sqlite3
 # ---------------------------------------------------------------------------------------------------
 
-def _storage_error(error: sqlite3.Error) -> Exception:
-    """Operational failures (missing, locked, corrupt, no schema) mean "unavailable"; the rest are bugs."""
+def _storage_error(error: sqlite3.Error) -> DatabaseUnavailable:
+    """Operational failures (missing, locked, corrupt, no schema) mean "unavailable" (503). Misuse of the
+    API (ProgrammingError, InterfaceError) is a bug in this module: it is re-raised as it is (500)."""
     if isinstance(error, (sqlite3.ProgrammingError, sqlite3.InterfaceError)):
-        return error
+        raise error
     return DatabaseUnavailable(str(error))
 
 
@@ -261,20 +273,23 @@ class Session:
         self._closed = False
         self._run("BEGIN")
 
+    def _failed(self, error: sqlite3.Error) -> DatabaseUnavailable:
+        """A query failed: the connection is not reused, and the error becomes the module's own."""
+        self._broken = True
+        return _storage_error(error)
+
     def _run(self, sql: str, parameters: Sequence | Mapping = ()) -> sqlite3.Cursor:
         try:
             return self._connection.execute(sql, parameters)
         except sqlite3.Error as error:
-            self._broken = True
-            raise _storage_error(error) from error
+            raise self._failed(error) from error
 
     def _one(self, sql: str, parameters: Sequence | Mapping) -> tuple | None:
         cursor = self._run(sql, parameters)
         try:
             return cursor.fetchone()
         except sqlite3.Error as error:
-            self._broken = True
-            raise _storage_error(error) from error
+            raise self._failed(error) from error
         finally:
             cursor.close()
 
@@ -318,8 +333,7 @@ class Session:
                     return
                 yield batch
         except sqlite3.Error as error:
-            self._broken = True
-            raise _storage_error(error) from error
+            raise self._failed(error) from error
         finally:
             cursor.close()
 
@@ -935,23 +949,26 @@ def group_parameter(request: Request, limit: int) -> str | None:
 # Token token=<t>, Token token="<t>" (Rails' form, as in the seed) and Bearer <t>; schemes are case-insensitive.
 _AUTHORIZATION = re.compile(r'\s*(?:token\s+token\s*=\s*(?:"([^"\s]+)"|([^"\s,]+))|bearer\s+([^"\s,]+))\s*',
                             re.IGNORECASE)
-UNAUTHORIZED = HTTPError(HTTPStatus.UNAUTHORIZED, "auth_token invalid or missing",
-                         [("WWW-Authenticate", 'Token realm="Application"')])
+
+
+def _unauthorized() -> HTTPError:
+    """The one 401 of SPEC §3, with its challenge (a new instance each time: exceptions carry state)."""
+    return HTTPError(HTTPStatus.UNAUTHORIZED, "auth_token invalid or missing",
+                     [("WWW-Authenticate", 'Token realm="Application"')])
 
 
 def authenticate(session: Session, authorization: str) -> tuple[int, int]:
     """(user id, export version) for the Authorization header, or 401. The token is only ever hashed."""
     match = _AUTHORIZATION.fullmatch(authorization)
     if match is None:
-        raise UNAUTHORIZED
-    token = match.group(1) or match.group(2) or match.group(3)
-    try:
-        raw = token.encode("latin-1")            # WSGI headers carry the client's bytes as latin-1
-    except UnicodeEncodeError:
-        raw = token.encode("utf-8", "surrogatepass")
-    user = session.user_by_token_digest(hashlib.sha256(raw).hexdigest())
+        raise _unauthorized()
+    try:                     # WSGI headers carry the client's bytes as latin-1; tokens are UTF-8 text
+        token = (match.group(1) or match.group(2) or match.group(3)).encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise _unauthorized() from None
+    user = session.user_by_token_digest(token_digest(token))
     if user is None:
-        raise UNAUTHORIZED
+        raise _unauthorized()
     return user
 
 
@@ -1105,9 +1122,8 @@ class _Body:
     """The iterable handed to the server: counts bytes, and on close releases the response's resources
     and writes the access line (so a client that goes away mid-body frees its cursor and connection)."""
 
-    def __init__(self, app: "ExportApp", request: Request, response: Response, body: Iterable[bytes],
-                 started: float):
-        self._app, self._request, self._response = app, request, response
+    def __init__(self, request: Request, response: Response, body: Iterable[bytes], started: float):
+        self._request, self._response = request, response
         self._body, self._started = body, started
         self._sent = 0
         self._failed = False
@@ -1175,12 +1191,14 @@ class ExportApp:
         headers.append(("X-Runtime", f"{time.perf_counter() - started:.6f}"))
         values = "".join(value for _, value in headers)
         if "\r" in values or "\n" in values:        # no header may carry a line break (header injection)
+            if response.close is not None:
+                response.close()
             raise ValueError(f"a header would contain a line break: {headers!r}")
         start_response(f"{status.value} {status.phrase}", headers)
         body = response.body if request.method != "HEAD" else ()
         if request.method == "HEAD" and hasattr(response.body, "close"):
             response.body.close()
-        return _Body(self, request, response, body, started)
+        return _Body(request, response, body, started)
 
 
 def make_app(db_path: str, **options) -> ExportApp:
@@ -1390,21 +1408,17 @@ def create_demo(connection: sqlite3.Connection) -> tuple[str, str]:
 def _insert_demo_data(connection: sqlite3.Connection, digest: str) -> None:
     """A user, groups and slots that exercise every feature of the export (SPEC §4)."""
     run = connection.execute
-    run("INSERT INTO users (id, uuid, username, token_digest) VALUES (NULL, ?, 'demo', ?)",
-        (_demo_uuid("user:demo"), digest))
-    demo = run("SELECT id FROM users WHERE username = 'demo'").fetchone()[0]
-    run("INSERT OR IGNORE INTO users (uuid, username) VALUES (?, 'demo-friend')", (_demo_uuid("user:friend"),))
-    friend = run("SELECT id FROM users WHERE username = 'demo-friend'").fetchone()[0]
-    groups = {}
-    for key, name, owner in (("work", "Work", demo), ("family", "Family; Friends, and more", demo),
-                             ("club", "Book club (shared with demo)", friend)):
-        run("INSERT INTO slot_groups (uuid, name, owner_id) VALUES (?, ?, ?)", (_demo_uuid("group:" + key), name, owner))
-        groups[key] = run("SELECT id FROM slot_groups WHERE uuid = ?", (_demo_uuid("group:" + key),)).fetchone()[0]
-    run("INSERT INTO memberships (group_id, user_id) VALUES (?, ?)", (groups["club"], demo))
-    office = run("INSERT INTO locations (name, street, postal_code, city, country, latitude, longitude) "
-                 "VALUES ('Office', 'Friedrichstraße 123', '10117', 'Berlin', 'Germany', 52.520008, 13.404954)"
-                 ).lastrowid
-    cafe = run("INSERT INTO locations (name, city) VALUES ('Café Noir', 'Paris')").lastrowid
+    run(SQL_DEMO_USER, (_demo_uuid("user:demo"), "demo", digest))
+    demo = run(SQL_USER_ID_BY_NAME, ("demo",)).fetchone()[0]
+    run(SQL_DEMO_USER, (_demo_uuid("user:friend"), "demo-friend", None))
+    friend = run(SQL_USER_ID_BY_NAME, ("demo-friend",)).fetchone()[0]
+    groups = {key: run(SQL_DEMO_GROUP, (_demo_uuid("group:" + key), name, owner)).lastrowid
+              for key, name, owner in (("work", "Work", demo), ("family", "Family; Friends, and more", demo),
+                                       ("club", "Book club (shared with demo)", friend))}
+    run(SQL_DEMO_MEMBERSHIP, (groups["club"], demo))
+    office = run(SQL_DEMO_LOCATION, ("Office", "Friedrichstraße 123", "10117", "Berlin", "Germany", 52.520008,
+                                     13.404954)).lastrowid
+    cafe = run(SQL_DEMO_LOCATION, ("Café Noir", None, None, "Paris", None, None, None)).lastrowid
     slots = (
         # key, title, description, start, end, all_day, rrule, visibility, location, alerts, groups
         ("standup", "Team stand-up", "Daily sync; keep it short, please.", "2026-12-01T09:00:00Z",
@@ -1425,15 +1439,13 @@ def _insert_demo_data(connection: sqlite3.Connection, digest: str) -> None:
          None, (), ("work",)),
     )
     for key, title, description, start, end, all_day, rule, visibility, location, alerts, in_groups in slots:
-        slot = run("INSERT INTO slots (uuid, creator_id, title, description, start_at, end_at, all_day, rrule, "
-                   "visibility, location_id, created_at, updated_at, deleted_at) "
-                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '2026-11-01T10:00:00Z', '2026-11-20T08:30:00Z', ?)",
-                   (_demo_uuid("slot:" + key), demo, title, description, start, end, all_day, rule, visibility,
-                    location, "2026-11-21T00:00:00Z" if key == "deleted" else None)).lastrowid
+        slot = run(SQL_DEMO_SLOT, (_demo_uuid("slot:" + key), demo, title, description, start, end, all_day, rule,
+                                   visibility, location, "2026-11-21T00:00:00Z" if key == "deleted" else None)
+                   ).lastrowid
         for minutes in alerts:
-            run("INSERT INTO slot_alerts (slot_id, minutes_before) VALUES (?, ?)", (slot, minutes))
+            run(SQL_DEMO_ALERT, (slot, minutes))
         for group in in_groups:
-            run("INSERT INTO group_slots (group_id, slot_id) VALUES (?, ?)", (groups[group], slot))
+            run(SQL_DEMO_GROUP_SLOT, (groups[group], slot))
 
 
 def _feed_urls(base_url: str, secret: str) -> tuple[str, str]:

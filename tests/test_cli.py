@@ -54,6 +54,44 @@ def test_module_imports_only_the_standard_library():
     assert result.stdout.strip() == b""
 
 
+APPLICATION_PROBE = """
+import io, sys, timeslot_export
+from wsgiref.util import setup_testing_defaults
+from wsgiref.validate import validator
+app = timeslot_export.application
+assert timeslot_export.application is app and app.config.refresh_minutes == 30
+environ = {"REQUEST_METHOD": "POST", "SCRIPT_NAME": "", "PATH_INFO": "/v1/export/ical", "QUERY_STRING": "",
+           "HTTP_AUTHORIZATION": sys.argv[1],
+           "wsgi.input": io.BytesIO(b"")}
+setup_testing_defaults(environ)
+statuses = []
+body = validator(app)(environ, lambda status, headers, exc_info=None: statuses.append(status) or (lambda d: None))
+print(statuses[0], b"".join(body).count(b"BEGIN:VEVENT"))
+body.close()
+"""
+
+
+def test_module_application_is_configured_from_the_environment(data, db_path):
+    user_id, token = data.user()
+    data.slot(user_id)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("TIMESLOT_")}
+    environment.update({"PYTHONPATH": str(ROOT), "TIMESLOT_DB": str(db_path), "TIMESLOT_REFRESH_MINUTES": "30"})
+    result = subprocess.run([sys.executable, "-c", APPLICATION_PROBE, f"Token token={token}"], capture_output=True,
+                            env=environment, cwd=ROOT)
+    assert result.stdout.split() == [b"200", b"OK", b"1"], result.stderr
+    assert b"POST /v1/export/ical 200" in result.stderr       # its own access log, on stderr by default
+    environment["TIMESLOT_REFRESH_MINUTES"] = "0"
+    result = subprocess.run([sys.executable, "-c", APPLICATION_PROBE, "x"], capture_output=True, env=environment,
+                            cwd=ROOT)
+    assert result.returncode != 0 and b"TIMESLOT_REFRESH_MINUTES must be a whole number" in result.stderr
+
+
+def test_importing_the_module_reads_no_environment():
+    code = "import os; os.environ['TIMESLOT_REFRESH_MINUTES'] = 'bad'; import timeslot_export; print('ok')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=ROOT)
+    assert result.stdout.strip() == b"ok"
+
+
 def test_initdb_creates_the_schema_and_is_idempotent(tmp_path):
     path = tmp_path / "new.sqlite3"
     assert cli("initdb", "--db", str(path)).returncode == 0
