@@ -1213,6 +1213,7 @@ def _application_from_environ() -> ExportApp:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
+        logger.propagate = False    # a server that configures the root logger later (waitress) would repeat lines
         logger.setLevel(config.log_level.upper())
     return ExportApp(config)
 
