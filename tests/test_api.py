@@ -1,16 +1,13 @@
 """SPEC §3: routing, authentication, parameters, slot selection, headers and error statuses."""
 
-import io
 import json
 import logging
 import re
-from wsgiref.util import setup_testing_defaults
-from wsgiref.validate import validator
 
 import pytest
 
 import timeslot_export
-from conftest import auth, events, make_client, uids
+from conftest import auth, events, make_client, uids, wsgi_call
 
 EXPORT = "/v1/export/ical"
 SECURITY = {"X-Frame-Options": "SAMEORIGIN", "X-Content-Type-Options": "nosniff",
@@ -31,29 +28,13 @@ def alice(data):
 
 
 def call(db_path, validate=True, **environ):
-    """Call the app (inside wsgiref.validate unless told not to) with a hand-made environ.
-
-    Returns (status, headers, body). validate refuses environs no conforming server should build (a
-    CONTENT_LENGTH that is not a number); the app must still answer those with 400, so such tests call
-    it directly."""
-    body = environ.pop("body", b"")
-    base = {"REQUEST_METHOD": "POST", "SCRIPT_NAME": "", "PATH_INFO": EXPORT, "QUERY_STRING": "",
-            "wsgi.input": io.BytesIO(body)}
-    base.update(environ)
-    setup_testing_defaults(base)
-    answer = {}
-
-    def start_response(status, headers, exc_info=None):
-        answer["status"], answer["headers"] = status, dict(headers)
-        return lambda data: None
-
-    app = timeslot_export.make_app(str(db_path))
-    result = (validator(app) if validate else app)(base, start_response)
+    """A POST to the export with a hand-made environ; returns (status, headers, body bytes)."""
+    status, headers, result = wsgi_call(timeslot_export.make_app(str(db_path)), validate, REQUEST_METHOD="POST",
+                                        **environ)
     try:
-        content = b"".join(result)
+        return status, headers, b"".join(result)
     finally:
         result.close()
-    return answer["status"], answer["headers"], content
 
 
 # --- routing -----------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import timeslot_export
-from conftest import auth, events, make_client
+from conftest import auth, make_client, wsgi_call
 from test_cli import ROOT, free_port
 
 EXPORT = "/v1/export/ical"
@@ -169,12 +169,19 @@ def snapshot(db_path, target):
         source.backup(copy)             # (a bare `with connect()` only commits: it would leave both open)
 
 
-def test_database_removed_then_restored_recovers_without_restart(tmp_path, db_path, data):
+@pytest.fixture
+def backed_up(tmp_path, db_path, data):
+    """A user with one slot titled 'Survivor', the writer closed, and a backup copy: (token, backup path)."""
     user_id, token = data.user()
     data.slot(user_id, title="Survivor")
     data.db.close()
     backup = tmp_path / "backup.sqlite3"
     snapshot(db_path, backup)
+    return token, backup
+
+
+def test_database_removed_then_restored_recovers_without_restart(db_path, backed_up):
+    token, backup = backed_up
     client = make_client(db_path)
     assert b"Survivor" in client.post(EXPORT, headers=auth(token)).body
     remove_database(db_path)
@@ -206,12 +213,8 @@ def test_database_replaced_serves_the_new_file_without_restart(tmp_path, db_path
 
 
 @pytest.mark.parametrize("damage", [b"garbage" * 1000, b"", b"SQLite format 3\x00" + b"\xff" * 4000])
-def test_database_corrupted_then_repaired_recovers(tmp_path, db_path, data, damage):
-    user_id, token = data.user()
-    data.slot(user_id, title="Whole again")
-    data.db.close()
-    backup = tmp_path / "backup.sqlite3"
-    snapshot(db_path, backup)
+def test_database_corrupted_then_repaired_recovers(db_path, backed_up, damage):
+    token, backup = backed_up
     client = make_client(db_path)
     client.post(EXPORT, headers=auth(token), status=200)
     remove_database(db_path)
@@ -222,16 +225,12 @@ def test_database_corrupted_then_repaired_recovers(tmp_path, db_path, data, dama
     assert b"Traceback" not in response.body
     remove_database(db_path)
     shutil.copy(backup, db_path)
-    assert b"Whole again" in client.post(EXPORT, headers=auth(token)).body
+    assert b"Survivor" in client.post(EXPORT, headers=auth(token)).body
 
 
 @pytest.mark.slow
-def test_serve_recovers_from_a_removed_database_and_reports_the_time(tmp_path, db_path, data):
-    user_id, token = data.user()
-    data.slot(user_id, title="Back")
-    data.db.close()
-    backup = tmp_path / "backup.sqlite3"
-    snapshot(db_path, backup)
+def test_serve_recovers_from_a_removed_database_and_reports_the_time(db_path, backed_up):
+    token, backup = backed_up
     with running_server(db_path, threads=4) as (base, server):
         assert fetch(base + EXPORT, token)[0] == 200
         remove_database(db_path)
@@ -461,8 +460,7 @@ def test_one_access_line_per_request_with_the_fields(client, data, caplog):
 
 def test_client_text_cannot_forge_log_lines(db_path, caplog):
     caplog.set_level(logging.INFO, logger="timeslot_export")
-    from test_http import start                       # WebTest would strip the line break before the app
-    status, _, body = start(timeslot_export.make_app(str(db_path)), PATH_INFO="/x\nFAKE 200 line")
+    status, _, body = wsgi_call(timeslot_export.make_app(str(db_path)), PATH_INFO="/x\nFAKE 200 line")
     body.close()
     assert status.startswith("404")
     assert [record.getMessage() for record in caplog.records if "\n" in record.getMessage()] == []

@@ -1,16 +1,13 @@
 """SPEC §3 success path at scale: streaming, snapshots, ETag and 304, HEAD, gzip, CORS."""
 
 import gzip
-import io
 import sqlite3
 import zlib
-from wsgiref.util import setup_testing_defaults
-from wsgiref.validate import validator
 
 import pytest
 
 import timeslot_export
-from conftest import auth, make_client, uids
+from conftest import auth, make_client, uids, wsgi_call
 
 EXPORT = "/v1/export/ical"
 
@@ -27,27 +24,11 @@ def busy_user(data):
     return user_id, token
 
 
-def start(app, **environ):
-    """Call the app (inside wsgiref.validate) and return (status, headers, the unread body iterable)."""
-    base = {"REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": EXPORT, "QUERY_STRING": "",
-            "wsgi.input": io.BytesIO(b"")}
-    base.update(environ)
-    setup_testing_defaults(base)
-    answer = {}
-
-    def start_response(status, headers, exc_info=None):
-        answer["status"], answer["headers"] = status, dict(headers)
-        return lambda data: None
-
-    body = validator(app)(base, start_response)
-    return answer["status"], answer["headers"], body
-
-
 # --- streaming ----------------------------------------------------------------------------------------------
 
 def test_large_export_streams_as_many_chunks_without_content_length(db_path, busy_user):
     app = timeslot_export.make_app(str(db_path))
-    status, headers, body = start(app, HTTP_AUTHORIZATION=f"Token token={busy_user[1]}")
+    status, headers, body = wsgi_call(app, HTTP_AUTHORIZATION=f"Token token={busy_user[1]}")
     try:
         chunks = list(body)
     finally:
@@ -69,7 +50,7 @@ def test_small_export_is_sent_whole_with_content_length(client, data):
 
 def test_client_going_away_mid_body_releases_cursor_and_connection(db_path, busy_user):
     app = timeslot_export.make_app(str(db_path))
-    status, _, body = start(app, HTTP_AUTHORIZATION=f"Token token={busy_user[1]}")
+    status, _, body = wsgi_call(app, HTTP_AUTHORIZATION=f"Token token={busy_user[1]}")
     iterator = iter(body)
     next(iterator)
     next(iterator)
@@ -85,7 +66,7 @@ def test_client_going_away_mid_body_releases_cursor_and_connection(db_path, busy
 def test_export_reads_one_snapshot_while_another_process_writes(db_path, busy_user, data):
     user_id, token = busy_user
     app = timeslot_export.make_app(str(db_path))
-    status, headers, body = start(app, HTTP_AUTHORIZATION=f"Token token={token}")
+    status, headers, body = wsgi_call(app, HTTP_AUTHORIZATION=f"Token token={token}")
     iterator = iter(body)
     first = next(iterator)
     data.slot(user_id, title="Written meanwhile", start_at="2030-01-01T00:00:00Z")
@@ -206,7 +187,7 @@ def test_head_answers_the_headers_of_get_without_a_body(client, data):
 
 def test_head_of_a_large_export_releases_its_connection(db_path, busy_user):
     app = timeslot_export.make_app(str(db_path))
-    status, headers, body = start(app, REQUEST_METHOD="HEAD", HTTP_AUTHORIZATION=f"Token token={busy_user[1]}")
+    status, headers, body = wsgi_call(app, REQUEST_METHOD="HEAD", HTTP_AUTHORIZATION=f"Token token={busy_user[1]}")
     assert status == "200 OK" and b"".join(body) == b""
     body.close()
     connection, _ = app.database._idle.connection
@@ -217,7 +198,7 @@ def test_head_of_a_large_export_releases_its_connection(db_path, busy_user):
 
 def raw(db_path, token, **environ):
     """(headers, body bytes) as the server sends them: WebTest would un-gzip the body on the way."""
-    status, headers, body = start(timeslot_export.make_app(str(db_path)), HTTP_AUTHORIZATION=f"Token token={token}",
+    status, headers, body = wsgi_call(timeslot_export.make_app(str(db_path)), HTTP_AUTHORIZATION=f"Token token={token}",
                                   **environ)
     try:
         return headers, b"".join(body)
@@ -248,10 +229,10 @@ def test_no_gzip_unless_asked_for(db_path, data, accept_encoding):
 
 def test_large_gzip_export_streams_and_round_trips(db_path, busy_user):
     app = timeslot_export.make_app(str(db_path))
-    _, plain_headers, plain_body = start(app, HTTP_AUTHORIZATION=f"Token token={busy_user[1]}")
+    _, plain_headers, plain_body = wsgi_call(app, HTTP_AUTHORIZATION=f"Token token={busy_user[1]}")
     plain = b"".join(plain_body)
     plain_body.close()
-    status, headers, body = start(app, HTTP_AUTHORIZATION=f"Token token={busy_user[1]}", HTTP_ACCEPT_ENCODING="gzip")
+    status, headers, body = wsgi_call(app, HTTP_AUTHORIZATION=f"Token token={busy_user[1]}", HTTP_ACCEPT_ENCODING="gzip")
     chunks = list(body)
     body.close()
     assert headers["Content-Encoding"] == "gzip" and "Content-Length" not in headers
