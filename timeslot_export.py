@@ -778,6 +778,12 @@ class Request:
     def query_string(self) -> str:
         return self._environ.get("QUERY_STRING", "")
 
+    @property
+    def may_have_body(self) -> bool:
+        """A Content-Length above 0, or none with a stream the server terminates (chunked uploads)."""
+        length = self._environ.get("CONTENT_LENGTH", "").strip()
+        return length not in ("", "0") or (not length and bool(self._environ.get("wsgi.input_terminated")))
+
     def read_body(self, limit: int) -> bytes:
         """The request body, at most ``limit`` bytes (400 for a bad Content-Length, 413 beyond the limit)."""
         length_text = self._environ.get("CONTENT_LENGTH", "").strip()
@@ -924,6 +930,8 @@ def _form_pairs(text: str) -> list[tuple[str, object]]:
 
 def group_parameter(request: Request, limit: int) -> str | None:
     """SPEC §3 Parameters: the lowercase group uuid, or None for all slots. The body wins over the query."""
+    if not request.query_string and not request.may_have_body:
+        return None                                   # the seed's request: no parameters to read
     media_type, body = _body_text(request, limit)
     query = _wsgi_text(request.query_string)
     for pairs in (_body_parameters(media_type, body), _form_pairs(query)):

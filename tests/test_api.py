@@ -242,6 +242,18 @@ def test_body_shorter_than_content_length_is_400(db_path, alice):
     assert json.loads(body) == {"error": "request body shorter than its Content-Length"}
 
 
+@pytest.mark.parametrize("body, expected", [(b'{"group": "%s"}', 1), (b"", 2), (b"x" * 70000, 413)])
+def test_chunked_body_without_content_length_is_read_when_the_server_terminates_it(db_path, alice, body, expected):
+    """gunicorn passes chunked uploads with no CONTENT_LENGTH and wsgi.input_terminated (PEP 3333 note)."""
+    body = body.replace(b"%s", alice["group"].encode())
+    status, _, content = call(db_path, validate=False, HTTP_AUTHORIZATION=f"Token token={alice['token']}",
+                              CONTENT_TYPE="application/json", body=body, **{"wsgi.input_terminated": True})
+    if expected == 413:
+        assert status.startswith("413")
+    else:
+        assert status.startswith("200") and len(uids(content)) == expected
+
+
 def test_check_order_authentication_before_body_and_parameters(client):
     client.post(EXPORT, b"x" * 70000, headers={"Content-Type": "text/plain"}, status=401)
     client.get(f"{EXPORT}?group=bad", status=401)

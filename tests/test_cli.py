@@ -267,3 +267,33 @@ def test_serve_reports_a_port_in_use_in_one_line(db_path):
         taken.listen()
         message = one_line_error(cli("serve", "--db", str(db_path), "--port", str(taken.getsockname()[1])))
         assert "in use" in message
+
+
+def test_serve_uses_a_bounded_pool_whose_threads_keep_their_connections(data, db_path, monkeypatch):
+    """SPEC §5: a fixed number of worker threads, each reopening nothing (a fresh connection costs ~330 µs),
+    and a listen backlog of at least 128."""
+    import threading
+    import timeslot_export
+    user_id, token = data.user()
+    data.slot(user_id)
+    opened = []
+    original_open = timeslot_export.Database._open
+    monkeypatch.setattr(timeslot_export.Database, "_open", lambda self: opened.append(1) or original_open(self))
+    server = timeslot_export.PooledWSGIServer(("127.0.0.1", 0), threads=3)
+    server.set_app(timeslot_export.make_app(str(db_path)))
+    runner = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    runner.start()
+    try:
+        assert server.request_queue_size >= 128
+        assert len([t for t in threading.enumerate() if t.name.startswith("worker-")]) == 3
+        for _ in range(30):
+            request = urllib.request.Request(f"http://127.0.0.1:{server.server_port}/v1/export/ical", data=b"",
+                                             method="POST", headers=auth(token))
+            with urllib.request.urlopen(request, timeout=10) as response:
+                assert response.status == 200
+        assert 1 <= len(opened) <= 3
+    finally:
+        server.shutdown()
+        runner.join()
+        server.server_close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("worker-")]
