@@ -887,7 +887,7 @@ def _body_text(request: Request, limit: int) -> tuple[str, str]:
         return "", ""
     media_type, _, parameters = request.header("Content-Type").partition(";")
     media_type = media_type.strip().lower()
-    charset = re.search(r"charset\s*=\s*\"?([A-Za-z0-9_-]+)", parameters)
+    charset = re.search(r"charset\s*=\s*\"?([A-Za-z0-9_-]+)", parameters, re.IGNORECASE)
     if charset and charset.group(1).lower() not in ("utf-8", "utf8"):
         raise HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "request bodies must be UTF-8")
     if media_type not in ("application/json", "application/x-www-form-urlencoded"):

@@ -170,6 +170,8 @@ def test_unknown_parameters_are_ignored(client, alice):
     (b"[1, 2]", "request body must be a JSON object"),
     (b'"00000000-0000-0000-0000-000000000000"', "request body must be a JSON object"),
     (b"[" * 30000, "request body is not valid JSON"),
+    (b'\xef\xbb\xbf{"group": null}', "request body is not valid JSON"),
+    (b'{"group": "00000000-0000-0000-0000-000000000000"} trailing', "request body is not valid JSON"),
 ])
 def test_invalid_json_parameters_are_422(client, alice, body, message):
     response = client.post(EXPORT, body, headers={**auth(alice["token"]), "Content-Type": "application/json"},
@@ -201,6 +203,22 @@ def test_body_of_another_type_is_415(client, alice):
     response = client.post(EXPORT, b"group=x", headers={**auth(alice["token"]), "Content-Type": "text/plain"},
                            status=415)
     assert "application/json" in response.json["error"]
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=latin-1", "application/json;charset=\"utf-16\"",
+                                          "application/json; Charset=Latin-1",
+                                          "application/x-www-form-urlencoded; charset=iso-8859-1"])
+def test_body_in_another_charset_is_415(client, alice, content_type):
+    response = client.post(EXPORT, b"{}", headers={**auth(alice["token"]), "Content-Type": content_type}, status=415)
+    assert response.json == {"error": "request bodies must be UTF-8"}
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "APPLICATION/JSON; Charset=UTF8",
+                                          "application/x-www-form-urlencoded; charset=utf-8"])
+def test_utf8_charset_parameters_are_accepted(client, alice, content_type):
+    body = b'{"group": null}' if "json" in content_type.lower() else b"group="
+    response = client.post(EXPORT, body, headers={**auth(alice["token"]), "Content-Type": content_type})
+    assert len(uids(response.body)) == 2
 
 
 def test_empty_body_of_any_type_is_no_parameters(client, alice):
