@@ -101,6 +101,7 @@ def test_initdb_creates_the_schema_and_is_idempotent(tmp_path):
     db.close()
     assert cli("initdb", "--db", str(path)).returncode == 0
     assert sqlite3.connect(path).execute("SELECT username FROM users").fetchall() == [("kept",)]
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone() == ("wal",)  # readers never wait
 
 
 def test_initdb_adds_missing_tables_to_an_existing_database(tmp_path, db_path):
