@@ -658,8 +658,9 @@ class CalendarStyle:
     alarms: bool = True
 
 
+@functools.lru_cache(maxsize=256)
 def calendar_header(style: CalendarStyle) -> str:
-    """BEGIN:VCALENDAR and the calendar's properties, each line ending in CRLF."""
+    """BEGIN:VCALENDAR and the calendar's properties, each line ending in CRLF (cached per style)."""
     lines = ("BEGIN:VCALENDAR" + CRLF + "VERSION:2.0" + CRLF + "PRODID:" + PRODID + CRLF
              + "CALSCALE:GREGORIAN" + CRLF + "METHOD:PUBLISH" + CRLF
              + text_property("NAME", style.name) + text_property("X-WR-CALNAME", style.name))
@@ -757,6 +758,13 @@ def _wsgi_text(value: str) -> str:
         raise HTTPError(HTTPStatus.BAD_REQUEST, "request is not valid UTF-8") from None
 
 
+@functools.lru_cache(maxsize=64)
+def _environ_key(name: str) -> str:
+    """Where PEP 3333 puts a request header: Content-Type -> CONTENT_TYPE, Accept -> HTTP_ACCEPT."""
+    key = name.upper().replace("-", "_")
+    return key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key
+
+
 class Request:
     """The parts of a WSGI environ the service uses, parsed once; ``environ`` itself is untrusted."""
 
@@ -769,10 +777,7 @@ class Request:
 
     def header(self, name: str) -> str:
         """A request header by its HTTP name ('' when absent)."""
-        key = name.upper().replace("-", "_")
-        if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-            key = "HTTP_" + key
-        return self._environ.get(key, "")
+        return self._environ.get(_environ_key(name), "")
 
     @property
     def query_string(self) -> str:
@@ -1190,6 +1195,11 @@ class ExportApp:
         """The one place that calls start_response: common headers, CORS, no body for HEAD."""
         status = response.status
         headers = response.headers
+        values = "".join([value for _, value in headers])
+        if "\r" in values or "\n" in values:     # header injection; the headers added below are constants,
+            if response.close is not None:       # a validated request id, and origins checked at start-up
+                response.close()
+            raise ValueError(f"a header would contain a line break: {headers!r}")
         if status in (HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED):
             headers = [(name, value) for name, value in headers if name not in CONTENT_HEADERS]
         headers = headers + SECURITY_HEADERS + [("X-Request-Id", request.id)]
@@ -1197,11 +1207,6 @@ class ExportApp:
         if origin and origin in self.config.cors_origins:
             headers += [("Access-Control-Allow-Origin", origin), ("Access-Control-Expose-Headers", CORS_EXPOSED)]
         headers.append(("X-Runtime", f"{time.perf_counter() - started:.6f}"))
-        values = "".join(value for _, value in headers)
-        if "\r" in values or "\n" in values:        # no header may carry a line break (header injection)
-            if response.close is not None:
-                response.close()
-            raise ValueError(f"a header would contain a line break: {headers!r}")
         start_response(f"{status.value} {status.phrase}", headers)
         body = response.body if request.method != "HEAD" else ()
         if request.method == "HEAD" and hasattr(response.body, "close"):
