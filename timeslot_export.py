@@ -1253,6 +1253,7 @@ class _QuietHandler(simple_server.WSGIRequestHandler):
         logger.debug("http: %s", SECRET_IN_PATH.sub("[secret]", _printable(format % args)))
 
     def handle(self) -> None:
+        """wsgiref's handle(), using _ServerHandler: the original names its ServerHandler class directly."""
         self.raw_requestline = self.rfile.readline(65537)
         if len(self.raw_requestline) > 65536:
             self.requestline, self.request_version, self.command = "", "", ""
