@@ -175,6 +175,12 @@ class NotFound(LookupError):
 # Configuration: read once, validated, frozen
 # ---------------------------------------------------------------------------------------------------
 
+# The numeric settings: (Config field, environment variable, lowest, highest), checked in one place.
+NUMBER_SETTINGS = (("refresh_minutes", "TIMESLOT_REFRESH_MINUTES", 1, MAX_REFRESH_MINUTES),
+                   ("max_body_bytes", "TIMESLOT_MAX_BODY_BYTES", 0, 64 * 1024 * 1024),
+                   ("busy_timeout_ms", "TIMESLOT_BUSY_TIMEOUT_MS", 0, 600_000))
+
+
 def _whole_number(name: str, text: str, low: int, high: int) -> int:
     """Parse a whole number from configuration, or say clearly what is wrong with it."""
     if not re.fullmatch(r"[0-9]{1,9}", text.strip()) or not low <= int(text) <= high:
@@ -196,9 +202,8 @@ class Config:
     def __post_init__(self) -> None:
         if not isinstance(self.db_path, str) or not self.db_path:
             raise ConfigError("the database path must be a non-empty string")
-        for name, value, low, high in (("refresh_minutes", self.refresh_minutes, 1, MAX_REFRESH_MINUTES),
-                                       ("max_body_bytes", self.max_body_bytes, 0, 64 * 1024 * 1024),
-                                       ("busy_timeout_ms", self.busy_timeout_ms, 0, 600_000)):
+        for name, _, low, high in NUMBER_SETTINGS:
+            value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise ConfigError(f"{name} must be a whole number from {low} to {high}, not {value!r}")
         for origin in self.cors_origins:
@@ -217,9 +222,7 @@ class Config:
                                   if o.strip()),
             "log_level": environ.get("TIMESLOT_LOG_LEVEL", "INFO").strip() or "INFO",
         }
-        for key, name, low, high in (("refresh_minutes", "TIMESLOT_REFRESH_MINUTES", 1, MAX_REFRESH_MINUTES),
-                                     ("max_body_bytes", "TIMESLOT_MAX_BODY_BYTES", 0, 64 * 1024 * 1024),
-                                     ("busy_timeout_ms", "TIMESLOT_BUSY_TIMEOUT_MS", 0, 600_000)):
+        for key, name, low, high in NUMBER_SETTINGS:
             if name in environ:
                 values[key] = _whole_number(name, environ[name], low, high)
         values.update({k: v for k, v in overrides.items() if v is not None})
