@@ -660,6 +660,11 @@ class CalendarStyle:
     busy: bool = False
     alarms: bool = True
 
+    @classmethod
+    def of(cls, group: "Group | None", **options) -> "CalendarStyle":
+        """The style of a user's calendar: named after its group, or "Timeslot" for all slots."""
+        return cls(name=group.name if group else "Timeslot", **options)
+
 
 @functools.lru_cache(maxsize=256)
 def calendar_header(style: CalendarStyle) -> str:
@@ -721,6 +726,11 @@ def write_event(row: tuple, style: CalendarStyle) -> str:
             event += (f"BEGIN:VALARM\r\nACTION:DISPLAY\r\n{alarm_description}\r\n"
                       f"TRIGGER:-PT{minutes}M\r\nEND:VALARM\r\n")
     return event + "END:VEVENT\r\n"
+
+
+def export_calendar(session: Session, user_id: int, group: Group | None, style: CalendarStyle) -> Iterator[bytes]:
+    """The one calendar the API, the feeds and the CLI export: the user's slots, all or one group's."""
+    return write_calendar(session.slot_batches(user_id, group.id if group else None), style)
 
 
 def write_calendar(batches: Iterable[list[tuple]], style: CalendarStyle) -> Iterator[bytes]:
@@ -1010,7 +1020,7 @@ def calendar_response(app: "ExportApp", request: Request, session: Session, *, u
     headers += [("Cache-Control", "private"), ("ETag", etag)]
     if request.method in ("GET", "HEAD") and etag_matches(request.header("If-None-Match"), etag):
         return Response(HTTPStatus.NOT_MODIFIED, headers, close=session.close)
-    chunks = write_calendar(session.slot_batches(user_id, group.id if group else None), style)
+    chunks = export_calendar(session, user_id, group, style)
     if accepts(request.header("Accept-Encoding"), "gzip"):
         chunks = gzip_stream(chunks)
         headers.append(("Content-Encoding", "gzip"))
@@ -1048,9 +1058,8 @@ def handle_export(app: "ExportApp", request: Request) -> Response:
         headers = [("Content-Type", DOWNLOAD_TYPE if download else CALENDAR_TYPE),
                    ("Content-Disposition", f'attachment; filename="{filename}"'),
                    ("Content-Transfer-Encoding", "binary"), ("Vary", "Accept, Accept-Encoding, Origin")]
-        style = CalendarStyle(name=group.name if group else "Timeslot")
         return calendar_response(app, request, session, user_id=user_id, version=version, group=group,
-                                 style=style, variant="export", headers=headers)
+                                 style=CalendarStyle.of(group), variant="export", headers=headers)
     except BaseException:
         session.close()
         raise
@@ -1072,8 +1081,8 @@ def handle_feed(app: "ExportApp", request: Request, secret: str) -> Response:
             group = session.accessible_group(feed.user_id, group_id=feed.group_id)
         if feed.user_deleted or (feed.group_id is not None and group is None):
             raise HTTPError(HTTPStatus.NOT_FOUND, "feed not found")
-        style = CalendarStyle(name=group.name if group else "Timeslot", refresh_minutes=app.config.refresh_minutes,
-                              busy=feed.busy, alarms=feed.alarms and not feed.busy)
+        style = CalendarStyle.of(group, refresh_minutes=app.config.refresh_minutes, busy=feed.busy,
+                                 alarms=feed.alarms and not feed.busy)
         variant = f"feed {feed.id} {style.refresh_minutes} {style.busy} {style.alarms}"
         headers = [("Content-Type", CALENDAR_TYPE), ("Vary", "Accept-Encoding, Origin")]
         return calendar_response(app, request, session, user_id=feed.user_id, version=feed.version, group=group,
@@ -1354,8 +1363,7 @@ def export_to(database: Database, username: str, group_uuid: str | None, output)
             group = session.accessible_group(user[0], uuid=group_uuid.lower())
             if group is None:
                 raise NotFound(f"group not found: {group_uuid}")
-        style = CalendarStyle(name=group.name if group else "Timeslot")
-        for chunk in write_calendar(session.slot_batches(user[0], group.id if group else None), style):
+        for chunk in export_calendar(session, user[0], group, CalendarStyle.of(group)):
             output.write(chunk)
     finally:
         session.close()
