@@ -771,6 +771,16 @@ def _wsgi_text(value: str) -> str:
         raise HTTPError(HTTPStatus.BAD_REQUEST, "request is not valid UTF-8") from None
 
 
+def _printable(text: str) -> str:
+    """Client text for a log line: control characters escaped, so they cannot forge lines."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def _loggable(text: str) -> str:
+    """Client text as it may be logged: printable, and anything that looks like a secret masked."""
+    return SECRET_IN_PATH.sub("[secret]", _printable(text))
+
+
 @functools.lru_cache(maxsize=64)
 def _environ_key(name: str) -> str:
     """Where PEP 3333 puts a request header: Content-Type -> CONTENT_TYPE, Accept -> HTTP_ACCEPT."""
@@ -822,10 +832,6 @@ class Request:
         if len(body) != length:
             raise HTTPError(HTTPStatus.BAD_REQUEST, "request body shorter than its Content-Length")
         return body
-
-    def log_path(self) -> str:
-        """The path as it may be logged: anything that looks like a secret is masked."""
-        return SECRET_IN_PATH.sub("[secret]", self.path)
 
 
 @dataclasses.dataclass
@@ -1138,11 +1144,6 @@ SECURITY_HEADERS = [("X-Frame-Options", "SAMEORIGIN"), ("X-Content-Type-Options"
 CORS_EXPOSED = "Content-Disposition, ETag, X-Request-Id"
 
 
-def _printable(text: str) -> str:
-    """Client text for a log line: control characters escaped, so they cannot forge lines."""
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
-
-
 class _Body:
     """The iterable handed to the server: counts bytes, and on close releases the response's resources
     and writes the access line (so a client that goes away mid-body frees its cursor and connection)."""
@@ -1171,7 +1172,7 @@ class _Body:
             if self._response.close is not None:
                 self._response.close()
             request = self._request
-            logger.info("%s %s %d %dB %.6fs id=%s%s", _printable(request.method), _printable(request.log_path()),
+            logger.info("%s %s %d %dB %.6fs id=%s%s", _printable(request.method), _loggable(request.path),
                         self._response.status, self._sent, time.perf_counter() - self._started, request.id,
                         " aborted" if self._failed else "")
 
@@ -1262,7 +1263,7 @@ class _QuietHandler(simple_server.WSGIRequestHandler):
     timeout = 60  # seconds a silent client may hold a worker
 
     def log_message(self, format: str, *args) -> None:
-        logger.debug("http: %s", SECRET_IN_PATH.sub("[secret]", _printable(format % args)))
+        logger.debug("http: %s", _loggable(format % args))
 
     def handle(self) -> None:
         """wsgiref's handle(), using _ServerHandler: the original names its ServerHandler class directly."""
