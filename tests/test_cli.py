@@ -6,14 +6,13 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import auth, make_client, uids
+from conftest import auth, make_client
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,7 @@ import zlib
 import pytest
 
 import timeslot_export
-from conftest import auth, make_client, uids, wsgi_call
+from conftest import auth, make_client, wsgi_call
 
 EXPORT = "/v1/export/ical"
 
