@@ -102,6 +102,32 @@ CREATE TABLE IF NOT EXISTS slots (
                        AND deleted_at >= '0001')
 );
 
+-- Columns added after the first release come as ALTER TABLE ... ADD COLUMN, one statement each:
+-- `initdb` runs such a statement only when the column is missing, so an old database and a new one end
+-- with the same definition, and every row is kept.
+--
+-- time_zone: '' (UTC, as every slot was before the column existed) or an IANA time zone name such as
+-- Europe/Berlin, America/Argentina/Buenos_Aires or Etc/GMT+5, in which the slot is shown and repeated.
+-- The name's shape is checked here (1 to 64 of A-Z a-z 0-9 _ + - /, no leading, trailing or double
+-- slash, no dot, so it can never walk out of a zoneinfo directory); whether the zone exists is decided
+-- at export time by the machine's time zone database.
+ALTER TABLE slots ADD COLUMN time_zone TEXT NOT NULL DEFAULT ''
+    CONSTRAINT time_zone_is_an_iana_name
+    CHECK (typeof(time_zone) = 'text'
+           AND (time_zone = '' OR (length(time_zone) <= 64 AND time_zone NOT GLOB '*[^A-Za-z0-9_+/-]*'
+                                   AND time_zone NOT GLOB '/*' AND time_zone NOT GLOB '*/'
+                                   AND time_zone NOT GLOB '*//*')));
+
+-- One cancelled occurrence of a recurring slot: the UTC instant at which it would have started (for an
+-- all-day slot, its date at T00:00:00Z). Exported as EXDATE in the form of the slot's DTSTART.
+CREATE TABLE IF NOT EXISTS slot_exdates (
+    slot_id       INTEGER NOT NULL REFERENCES slots (id),
+    occurrence_at TEXT NOT NULL
+                  CHECK (strftime('%Y-%m-%dT%H:%M:%SZ', julianday(occurrence_at)) IS occurrence_at
+                         AND occurrence_at >= '0001'),
+    PRIMARY KEY (slot_id, occurrence_at)
+);
+
 CREATE TABLE IF NOT EXISTS slot_alerts (
     slot_id        INTEGER NOT NULL REFERENCES slots (id),
     minutes_before INTEGER NOT NULL CHECK (typeof(minutes_before) = 'integer' AND minutes_before >= 0),
@@ -136,6 +162,10 @@ CREATE TABLE IF NOT EXISTS feeds (
 
 -- Indexes: an export is one range scan in (start_at, uuid) order, with no sort and no table scan.
 CREATE INDEX IF NOT EXISTS slots_export ON slots (creator_id, start_at, uuid) WHERE deleted_at IS NULL;
+-- The time zones of a user's timed slots and the earliest start in each, found before the first event is
+-- written (the calendar's VTIMEZONEs come first) by hopping from zone to zone in this small partial index.
+CREATE INDEX IF NOT EXISTS slots_zones ON slots (creator_id, time_zone, start_at)
+    WHERE deleted_at IS NULL AND all_day = 0 AND time_zone <> '';
 CREATE INDEX IF NOT EXISTS slots_location ON slots (location_id) WHERE location_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS group_slots_slot ON group_slots (slot_id);
 CREATE INDEX IF NOT EXISTS memberships_user ON memberships (user_id);
@@ -173,6 +203,19 @@ CREATE TRIGGER IF NOT EXISTS slot_alerts_update_version AFTER UPDATE ON slot_ale
         ON CONFLICT (user_id) DO UPDATE SET version = version + 1;
 END;
 CREATE TRIGGER IF NOT EXISTS slot_alerts_delete_version AFTER DELETE ON slot_alerts BEGIN
+    INSERT INTO export_versions (user_id) SELECT creator_id FROM slots WHERE id = OLD.slot_id
+        ON CONFLICT (user_id) DO UPDATE SET version = version + 1;
+END;
+
+CREATE TRIGGER IF NOT EXISTS slot_exdates_insert_version AFTER INSERT ON slot_exdates BEGIN
+    INSERT INTO export_versions (user_id) SELECT creator_id FROM slots WHERE id = NEW.slot_id
+        ON CONFLICT (user_id) DO UPDATE SET version = version + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS slot_exdates_update_version AFTER UPDATE ON slot_exdates BEGIN
+    INSERT INTO export_versions (user_id) SELECT creator_id FROM slots WHERE id IN (OLD.slot_id, NEW.slot_id)
+        ON CONFLICT (user_id) DO UPDATE SET version = version + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS slot_exdates_delete_version AFTER DELETE ON slot_exdates BEGIN
     INSERT INTO export_versions (user_id) SELECT creator_id FROM slots WHERE id = OLD.slot_id
         ON CONFLICT (user_id) DO UPDATE SET version = version + 1;
 END;

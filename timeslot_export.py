@@ -21,6 +21,8 @@ TIMESLOT_MAX_BODY_BYTES, TIMESLOT_BUSY_TIMEOUT_MS, TIMESLOT_LOG_LEVEL. See READM
 from __future__ import annotations
 
 import argparse
+import bisect
+import calendar
 import dataclasses
 import datetime
 import functools
@@ -33,12 +35,14 @@ import re
 import secrets
 import signal
 import sqlite3
+import struct
 import sys
 import threading
 import time
 import urllib.parse
 import uuid as uuidlib
 import zlib
+import zoneinfo
 from http import HTTPStatus
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 from wsgiref import simple_server
@@ -91,7 +95,10 @@ _SLOT_COLUMNS = """
     CAST(s.title AS BLOB), CAST(s.description AS BLOB),
     CAST(l.name AS BLOB), CAST(l.street AS BLOB), CAST(l.postal_code AS BLOB), CAST(l.city AS BLOB),
     CAST(l.country AS BLOB), l.latitude, l.longitude,
-    (SELECT group_concat(a.minutes_before) FROM slot_alerts a WHERE a.slot_id = s.id)"""
+    (SELECT group_concat(a.minutes_before) FROM slot_alerts a WHERE a.slot_id = s.id),
+    s.time_zone,
+    CASE WHEN s.rrule <> '' THEN (SELECT group_concat(replace(replace(e.occurrence_at, '-', ''), ':', ''))
+                                  FROM slot_exdates e WHERE e.slot_id = s.id) END"""
 
 SQL_USER_BY_TOKEN = """
     SELECT u.id, coalesce(v.version, -1) FROM users u LEFT JOIN export_versions v ON v.user_id = u.id
@@ -113,12 +120,33 @@ SQL_GROUP_SLOTS = "SELECT" + _SLOT_COLUMNS + """
     FROM group_slots gs JOIN slots s ON s.id = gs.slot_id LEFT JOIN locations l ON l.id = s.location_id
     WHERE gs.group_id = ? AND gs.deleted_at IS NULL AND s.creator_id = ? AND s.deleted_at IS NULL
     ORDER BY s.start_at, s.uuid"""
+# The time zones of the timed slots an export writes, each with its earliest start, ordered by name: for a
+# user, a hop from zone to zone through the partial index slots_zones (a few index searches per zone, not
+# a pass over the slots); for a group, its links are read once more (they are a fraction of the user's).
+_ZONED = "s.creator_id = :user AND s.deleted_at IS NULL AND s.all_day = 0 AND s.time_zone <> ''"
+SQL_USER_ZONES = f"""
+    WITH RECURSIVE zones (name) AS (
+        SELECT min(s.time_zone) FROM slots s WHERE {_ZONED}
+        UNION ALL
+        SELECT (SELECT min(s.time_zone) FROM slots s WHERE {_ZONED} AND s.time_zone > zones.name)
+        FROM zones WHERE zones.name IS NOT NULL)
+    SELECT name, (SELECT replace(replace(min(s.start_at), '-', ''), ':', '') FROM slots s
+                  WHERE {_ZONED} AND s.time_zone = zones.name)
+    FROM zones WHERE name IS NOT NULL ORDER BY name"""
+SQL_GROUP_ZONES = f"""
+    SELECT s.time_zone, replace(replace(min(s.start_at), '-', ''), ':', '')
+    FROM group_slots gs JOIN slots s ON s.id = gs.slot_id
+    WHERE gs.group_id = :group AND gs.deleted_at IS NULL AND {_ZONED}
+    GROUP BY s.time_zone ORDER BY s.time_zone"""
 SQL_FEED_BY_DIGEST = """
     SELECT f.id, f.user_id, f.group_id, f.details, f.alarms, f.revoked_at IS NOT NULL,
            u.deleted_at IS NOT NULL, coalesce(v.version, -1)
     FROM feeds f JOIN users u ON u.id = f.user_id LEFT JOIN export_versions v ON v.user_id = f.user_id
     WHERE f.token_digest = ?"""
-SQL_SCHEMA_PRESENT = "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('users', 'slots')"
+SQL_SCHEMA_CURRENT = """
+    SELECT (SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('users', 'slots', 'slot_exdates')) = 3
+       AND EXISTS (SELECT 1 FROM pragma_table_info('slots') WHERE name = 'time_zone')"""
+SQL_TABLE_COLUMNS = "SELECT * FROM pragma_table_info(?)"
 
 # Writes, used by the command line only (the web application opens the database read-only).
 SQL_INSERT_USER = "INSERT INTO users (uuid, username, token_digest) VALUES (?, ?, ?)"
@@ -138,9 +166,10 @@ SQL_DEMO_MEMBERSHIP = "INSERT INTO memberships (group_id, user_id) VALUES (?, ?)
 SQL_DEMO_LOCATION = """
     INSERT INTO locations (name, street, postal_code, city, country, latitude, longitude) VALUES (?, ?, ?, ?, ?, ?, ?)"""
 SQL_DEMO_SLOT = """
-    INSERT INTO slots (uuid, creator_id, title, description, start_at, end_at, all_day, rrule, visibility,
+    INSERT INTO slots (uuid, creator_id, title, description, start_at, end_at, all_day, rrule, time_zone, visibility,
                        location_id, created_at, updated_at, deleted_at)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '2026-11-01T10:00:00Z', '2026-11-20T08:30:00Z', ?)"""
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '2026-11-01T10:00:00Z', '2026-11-20T08:30:00Z', ?)"""
+SQL_DEMO_EXDATE = "INSERT INTO slot_exdates (slot_id, occurrence_at) VALUES (?, ?)"
 SQL_DEMO_ALERT = "INSERT INTO slot_alerts (slot_id, minutes_before) VALUES (?, ?)"
 SQL_DEMO_GROUP_SLOT = "INSERT INTO group_slots (group_id, slot_id) VALUES (?, ?)"
 
@@ -287,14 +316,18 @@ class Session:
         except sqlite3.Error as error:
             raise self._failed(error) from error
 
-    def _one(self, sql: str, parameters: Sequence | Mapping) -> tuple | None:
+    def _rows(self, sql: str, parameters: Sequence | Mapping) -> list[tuple]:
         cursor = self._run(sql, parameters)
         try:
-            return cursor.fetchone()
+            return cursor.fetchall()
         except sqlite3.Error as error:
             raise self._failed(error) from error
         finally:
             cursor.close()
+
+    def _one(self, sql: str, parameters: Sequence | Mapping) -> tuple | None:
+        rows = self._rows(sql, parameters)
+        return rows[0] if rows else None
 
     def user_by_token_digest(self, digest: str) -> tuple[int, int] | None:
         """(user id, export version) of the non-deleted user with this token digest."""
@@ -340,9 +373,13 @@ class Session:
         finally:
             cursor.close()
 
-    def schema_present(self) -> bool:
-        """Whether the database has the Timeslot tables (a start-up check)."""
-        return self._one(SQL_SCHEMA_PRESENT, ())[0] == 2
+    def time_zone_starts(self, user_id: int, group_id: int | None) -> list[tuple[str, str]]:
+        """(zone name, earliest start in basic form) of the timed slots an export writes, by name."""
+        return self._rows(SQL_USER_ZONES if group_id is None else SQL_GROUP_ZONES, {"user": user_id, "group": group_id})
+
+    def schema_current(self) -> bool:
+        """Whether the database has the Timeslot tables and columns this version reads (a start-up check)."""
+        return self._one(SQL_SCHEMA_CURRENT, ())[0] == 1
 
     def close(self) -> None:
         """End the read transaction and give the connection back (or drop it if it failed)."""
@@ -412,8 +449,8 @@ class Database:
         """Fail with DatabaseUnavailable unless the file opens as a Timeslot database (start-up check)."""
         session = self.session()
         try:
-            if not session.schema_present():
-                raise DatabaseUnavailable(f"{self.path} has no Timeslot schema (run initdb)")
+            if not session.schema_current():
+                raise DatabaseUnavailable(f"{self.path} has no Timeslot schema, or an older one (run initdb)")
         finally:
             session.close()
 
@@ -431,15 +468,444 @@ def connect_for_writing(path: str, create: bool = False) -> sqlite3.Connection:
         raise DatabaseUnavailable(f"cannot open {path}: {error}") from error
 
 
+_ADDED_COLUMN = re.compile(r"\s*ALTER\s+TABLE\s+(\w+)\s+ADD\s+COLUMN\s+(\w+)", re.IGNORECASE)
+
+
+def schema_statements(script: str) -> Iterator[str]:
+    """The statements of an SQL script, whole (a trigger's inner semicolons do not end it), without the
+    comments between them."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        if not statement and (not line.strip() or line.lstrip().startswith("--")):
+            continue                                   # comments between statements
+        statement += line
+        if sqlite3.complete_statement(statement):
+            yield statement.strip()
+            statement = ""
+
+
 def apply_schema(connection: sqlite3.Connection) -> None:
-    """Create whatever of schema.sql is missing (idempotent: every statement is IF NOT EXISTS)."""
+    """Bring the database up to schema.sql, keeping every row (``initdb``; idempotent).
+
+    CREATE statements say IF NOT EXISTS; an ALTER TABLE ... ADD COLUMN (a column added after the first
+    release) runs only when the column is missing. The journal mode is set first, outside the transaction
+    (SQLite refuses to change it inside one); everything else is one transaction, all or nothing."""
     with open(SCHEMA_PATH, encoding="utf-8") as schema:
-        connection.executescript(schema.read())
+        statements = list(schema_statements(schema.read()))
+    pragmas = [statement for statement in statements if statement.upper().startswith("PRAGMA")]
+    for statement in pragmas:
+        connection.execute(statement)
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in statements:
+            added = _ADDED_COLUMN.match(statement)
+            if statement in pragmas or (added and _has_column(connection, *added.groups())):
+                continue
+            connection.execute(statement)
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+
+
+def _has_column(connection: sqlite3.Connection, table: str, column: str) -> bool:
+    return any(row[1] == column for row in connection.execute(SQL_TABLE_COLUMNS, (table,)))
 
 
 def token_digest(token: str) -> str:
     """SPEC §2: the lowercase hex SHA-256 of a token's UTF-8 bytes."""
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Time zones: the machine's tz database, read from its TZif files (RFC 8536), once per zone
+# ---------------------------------------------------------------------------------------------------
+
+# SPEC §2's shape of a zone name (the schema checks the same): it can never leave a zoneinfo folder.
+ZONE_NAME_PATTERN = re.compile(r"(?!/)(?!.*//)[A-Za-z0-9_+/-]{1,64}(?<!/)")
+RULE_TABLE_END_YEAR = 2200          # a zone's footer rule is tabulated to here and computed beyond
+EPOCH_ORDINAL = datetime.date(1970, 1, 1).toordinal()
+FIRST_INSTANT = (1 - EPOCH_ORDINAL) * 86400                      # 0001-01-01T00:00:00Z
+LAST_INSTANT = (datetime.date.max.toordinal() + 1 - EPOCH_ORDINAL) * 86400 - 1
+RULE_TABLE_END = (datetime.date(RULE_TABLE_END_YEAR + 1, 1, 1).toordinal() - EPOCH_ORDINAL) * 86400
+WEEKDAYS = ("SU", "MO", "TU", "WE", "TH", "FR", "SA")            # POSIX numbers them from Sunday = 0
+
+
+def utc_seconds(basic: str) -> int:
+    """Seconds since 1970 of a UTC date-time in iCalendar's basic form (20190920T194402Z)."""
+    day = datetime.date(int(basic[:4]), int(basic[4:6]), int(basic[6:8])).toordinal() - EPOCH_ORDINAL
+    return day * 86400 + int(basic[9:11]) * 3600 + int(basic[11:13]) * 60 + int(basic[13:15])
+
+
+def basic_time(seconds: int) -> str:
+    """Seconds since 1970 (of UTC or of a wall clock) as a date-time in basic form without the Z."""
+    days, second = divmod(seconds, 86400)
+    day = datetime.date.fromordinal(days + EPOCH_ORDINAL)
+    return (f"{day.year:04d}{day.month:02d}{day.day:02d}"
+            f"T{second // 3600:02d}{second // 60 % 60:02d}{second % 60:02d}")
+
+
+def _year_of(seconds: int) -> int:
+    return datetime.date.fromordinal(seconds // 86400 + EPOCH_ORDINAL).year
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """One change of a zone's UTC offset (or of its abbreviation) at a UTC instant."""
+
+    at: int
+    offset_from: int
+    offset_to: int
+    dst_from: bool
+    dst_to: bool
+    name: str               # the abbreviation from then on: CEST, -03
+
+    @property
+    def kind(self) -> str:
+        """VTIMEZONE's sub-component: DAYLIGHT for the change into the larger offset of a daylight-saving
+        pair, even where the database calls winter time the daylight one (Europe/Dublin's negative DST),
+        as Windows and Outlook expect."""
+        if self.dst_from != self.dst_to and self.offset_from != self.offset_to:
+            return "DAYLIGHT" if self.offset_to > self.offset_from else "STANDARD"
+        return "DAYLIGHT" if self.dst_to else "STANDARD"
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleDate:
+    """When a POSIX TZ rule changes the clocks each year: ``Mm.w.d`` (day ``d`` of week ``w`` of month
+    ``m``, 5 = the last), ``Jn`` (day 1-365, never counting 29 February) or ``n`` (day 0-365), at
+    ``seconds`` of wall-clock time, which RFC 8536 lets run below 0 or past 24 hours."""
+
+    form: str
+    month: int = 0
+    week: int = 0
+    weekday: int = 0
+    day: int = 0
+    seconds: int = 7200
+
+    def local(self, year: int) -> int:
+        """The wall-clock time of the change in ``year``, as seconds since 1970."""
+        if self.form == "M":
+            first = datetime.date(year, self.month, 1)
+            day = 1 + (self.weekday - (first.weekday() + 1)) % 7 + 7 * (self.week - 1)
+            if day > calendar.monthrange(year, self.month)[1]:
+                day -= 7
+            ordinal = first.toordinal() + day - 1
+        else:
+            ordinal = datetime.date(year, 1, 1).toordinal() + self.day
+            if self.form == "J":
+                ordinal += -1 + (calendar.isleap(year) and self.day >= 60)
+        return (ordinal - EPOCH_ORDINAL) * 86400 + self.seconds
+
+    def recurrence(self) -> str:
+        """The same dates as an RRULE, for a DTSTART at this rule's time of day (which may be on another
+        day than the rule names: "Thursday, 26:00" is Friday at 02:00)."""
+        shift = self.seconds // 86400
+        if self.form != "M":
+            if shift:
+                raise ValueError("a J or n rule date with a time outside 0-24 h")
+            if self.form == "n":
+                return f"FREQ=YEARLY;BYYEARDAY={self.day + 1}"
+            day = datetime.date(2001, 1, 1) + datetime.timedelta(days=self.day - 1)
+            return f"FREQ=YEARLY;BYMONTH={day.month};BYMONTHDAY={day.day}"
+        if shift == 0:
+            return f"FREQ=YEARLY;BYMONTH={self.month};BYDAY={-1 if self.week == 5 else self.week}{WEEKDAYS[self.weekday]}"
+        weekday = WEEKDAYS[(self.weekday + shift) % 7]
+        # The seven days the named weekday can fall on, moved by the shift: from the month's start, or
+        # (week 5) counted back from its end, where -1 is the last day and 0 the next month's first.
+        days = [day + shift for day in (range(-7, 0) if self.week == 5 else range(7 * self.week - 6, 7 * self.week + 1))]
+        if all(1 <= day <= 28 for day in days) or all(-28 <= day <= -1 for day in days):
+            return f"FREQ=YEARLY;BYMONTH={self.month};BYDAY={weekday};BYMONTHDAY={','.join(map(str, days))}"
+        # Across a month's end: days of the year counted back from 31 December, the same in leap years
+        # for any month after February.
+        after = sum(calendar.monthrange(2001, month)[1] for month in range(self.month + 1, 13))
+        if self.week == 5:
+            year_days = [day - after for day in days]
+        else:
+            year_days = [day - 1 - calendar.monthrange(2001, self.month)[1] - after for day in days]
+        if self.month < 3 or not all(-366 < day < 0 for day in year_days):
+            raise ValueError(f"rule date M{self.month}.{self.week}.{self.weekday} at {self.seconds} s")
+        return f"FREQ=YEARLY;BYYEARDAY={','.join(map(str, year_days))};BYDAY={weekday}"
+
+
+@dataclasses.dataclass(frozen=True)
+class PosixRule:
+    """A TZif footer with daylight saving time: two changes a year, from standard time into DST at
+    ``start`` (standard wall-clock time) and back at ``end`` (daylight wall-clock time)."""
+
+    std_offset: int
+    std_name: str
+    dst_offset: int
+    dst_name: str
+    start: RuleDate
+    end: RuleDate
+
+    def changes(self, year: int) -> list[Change]:
+        into = Change(self.start.local(year) - self.std_offset, self.std_offset, self.dst_offset, False, True,
+                      self.dst_name)
+        back = Change(self.end.local(year) - self.dst_offset, self.dst_offset, self.std_offset, True, False,
+                      self.std_name)
+        return sorted((into, back), key=lambda change: change.at)
+
+    def date_of(self, change: Change) -> RuleDate:
+        return self.start if change.dst_to else self.end
+
+
+_TZ_NAME = r"(<[A-Za-z0-9+-]+>|[A-Za-z]{3,})"
+_TZ_OFFSET = r"([+-]?)([0-9]{1,3})(?::([0-9]{2}))?(?::([0-9]{2}))?"
+_POSIX_TZ = re.compile(_TZ_NAME + _TZ_OFFSET + "(?:" + _TZ_NAME + "(?:" + _TZ_OFFSET + ")?,([^,]+),([^,]+))?")
+_RULE_DATE = re.compile(r"(?:M([0-9]{1,2})\.([1-5])\.([0-6])|(J?)([0-9]{1,3}))(?:/" + _TZ_OFFSET + ")?")
+
+
+def _posix_seconds(sign: str, hours: str, minutes: str | None, seconds: str | None) -> int:
+    value = int(hours) * 3600 + int(minutes or 0) * 60 + int(seconds or 0)
+    return -value if sign == "-" else value
+
+
+def _rule_date(text: str) -> RuleDate:
+    match = _RULE_DATE.fullmatch(text)
+    if match is None:
+        raise ValueError(f"rule date {text!r}")
+    month, week, weekday, julian, day = match.groups()[:5]
+    seconds = _posix_seconds(*match.groups()[5:]) if match.group(7) else 7200
+    if month:
+        if not 1 <= int(month) <= 12:
+            raise ValueError(f"rule date {text!r}")
+        return RuleDate("M", int(month), int(week), int(weekday), seconds=seconds)
+    if not (1 if julian else 0) <= int(day) <= 365:
+        raise ValueError(f"rule date {text!r}")
+    return RuleDate("J" if julian else "n", day=int(day), seconds=seconds)
+
+
+def footer_rule(footer: str) -> "PosixRule | tuple[int, str] | None":
+    """A TZif footer (a POSIX TZ string; its offsets count west, hence the minus): the rule with DST,
+    (offset, name) for a fixed offset, or None for an empty footer."""
+    if not footer:
+        return None
+    match = _POSIX_TZ.fullmatch(footer)
+    if match is None:
+        raise ValueError(f"TZ string {footer!r}")
+    std_name, dst_name = match.group(1).strip("<>"), match.group(6)
+    std_offset = -_posix_seconds(*match.group(2, 3, 4, 5))
+    if dst_name is None:
+        return std_offset, std_name
+    dst_offset = -_posix_seconds(*match.group(7, 8, 9, 10)) if match.group(8) else std_offset + 3600
+    return PosixRule(std_offset, std_name, dst_offset, dst_name.strip("<>"), _rule_date(match.group(11)),
+                     _rule_date(match.group(12)))
+
+
+def read_tzif(data: bytes) -> tuple[list[tuple[int, tuple[int, bool, str]]], list[tuple[int, bool, str]], str]:
+    """(transitions as (UTC instant, (offset, is DST, abbreviation)), every such type, footer) of a TZif
+    file: the 64-bit data of version 2 and later, the 32-bit data of version 1 (RFC 8536 §3)."""
+    if data[:4] != b"TZif":
+        raise ValueError("not a TZif file")
+    version = data[4]
+    counts = struct.unpack_from(">6l", data, 20)
+    position, time_format = 44, "l"
+    if version >= 0x32:
+        isutcnt, isstdcnt, leapcnt, timecnt, typecnt, charcnt = counts
+        position += timecnt * 5 + typecnt * 6 + charcnt + leapcnt * 8 + isstdcnt + isutcnt
+        counts = struct.unpack_from(">6l", data, position + 20)
+        position, time_format = position + 44, "q"
+    isutcnt, isstdcnt, leapcnt, timecnt, typecnt, charcnt = counts
+    instants = struct.unpack_from(f">{timecnt}{time_format}", data, position)
+    position += timecnt * struct.calcsize(time_format)
+    indexes = struct.unpack_from(f">{timecnt}B", data, position)
+    position += timecnt
+    raw_types = [struct.unpack_from(">lbB", data, position + 6 * n) for n in range(typecnt)]
+    position += 6 * typecnt
+    names = data[position:position + charcnt]
+    position += charcnt + leapcnt * (struct.calcsize(time_format) + 4) + isstdcnt + isutcnt
+    types = [(offset, bool(dst), names[at:names.index(b"\0", at)].decode("ascii")) for offset, dst, at in raw_types]
+    footer = ""
+    if version >= 0x32:
+        if data[position:position + 1] != b"\n" or b"\n" not in data[position + 1:]:
+            raise ValueError("no footer")
+        footer = data[position + 1:data.index(b"\n", position + 1)].decode("ascii")
+    return [(at, types[index]) for at, index in zip(instants, indexes)], types, footer
+
+
+class TimeZone:
+    """One zone of the tz database: every change of its UTC offset, for conversions and its VTIMEZONE.
+
+    The changes are the file's transitions, then its footer rule's up to RULE_TABLE_END_YEAR (later
+    years are computed), so a conversion is one bisect. ``_rule_from`` is the first change from which
+    every later one follows the footer rule (a fat TZif file repeats the rule's changes to 2037): the
+    VTIMEZONE lists the changes before it one by one and states the rule as two yearly RRULEs."""
+
+    def __init__(self, name: str, data: bytes):
+        self.name = name
+        self.fingerprint = hashlib.sha256(data).hexdigest()[:16]
+        transitions, types, footer = read_tzif(data)
+        rule = footer_rule(footer)
+        self.rule = rule if isinstance(rule, PosixRule) else None
+        # Before the first transition: the first standard-time type, as zoneinfo reads it.
+        if transitions:
+            before = next(((o, d, n) for o, d, n in types if not d), transitions[0][1])
+        elif isinstance(rule, tuple):
+            before = (rule[0], False, rule[1])
+        elif self.rule is None:
+            before = types[-1]
+        else:
+            before = None                                  # the rule alone, from year 1
+        changes: list[Change] = []
+        for at, (offset, dst, abbreviation) in transitions:
+            if at < FIRST_INSTANT:                         # before year 1 (zic's "big bang"): a starting state
+                before = (offset, dst, abbreviation)
+                continue
+            previous = (changes[-1].offset_to, changes[-1].dst_to, changes[-1].name) if changes else before
+            if previous != (offset, dst, abbreviation):
+                changes.append(Change(at, previous[0], offset, previous[1], dst, abbreviation))
+        self._rule_from = len(changes)
+        if self.rule is not None:
+            self._rule_from = self._first_following_rule(changes)
+            first_year = _year_of(changes[-1].at) if changes else 1
+            changes += [change for year in range(first_year, RULE_TABLE_END_YEAR + 1)
+                        for change in self.rule.changes(year) if not changes or change.at > changes[-1].at]
+            if before is None:
+                before = (changes[0].offset_from, changes[0].dst_from,
+                          self.rule.dst_name if changes[0].dst_from else self.rule.std_name)
+        self._before = before
+        self._changes = changes
+        self._instants = [change.at for change in changes]
+        self._vtimezones: dict[int, str] = {}
+
+    def _first_following_rule(self, changes: list[Change]) -> int:
+        """The index from which the file's own transitions are those the footer rule gives anyway."""
+        first = len(changes)
+        while first and changes[first - 1] in self.rule.changes(_year_of(changes[first - 1].at)):
+            first -= 1
+        return first
+
+    def _last_change(self, at: int) -> Change | None:
+        """The latest change at or before the UTC instant ``at`` (None: before the first)."""
+        index = bisect.bisect_right(self._instants, at) - 1
+        if at >= RULE_TABLE_END and self.rule is not None:
+            year = _year_of(at)
+            changes = self.rule.changes(year - 1) + self.rule.changes(year)
+            return changes[bisect.bisect_right([change.at for change in changes], at) - 1]
+        return self._changes[index] if index >= 0 else None
+
+    def utc_offset(self, at: int) -> int:
+        change = self._last_change(at)
+        return self._before[0] if change is None else change.offset_to
+
+    def local_time(self, at: int) -> str | None:
+        """The wall-clock time of a UTC instant in basic form, or None where a local time cannot name it:
+        the second pass of a repeated hour (a local time names the first, RFC 5545 §3.3.5), or a wall
+        clock past 9999-12-31."""
+        change = self._last_change(at)
+        if change is None:
+            local = at + self._before[0]
+        else:
+            local = at + change.offset_to
+            if change.offset_from > change.offset_to and at < change.at + change.offset_from - change.offset_to:
+                return None
+        return basic_time(local) if FIRST_INSTANT <= local <= LAST_INSTANT else None
+
+    def utc_of_local(self, local: int) -> int:
+        """The UTC instant a wall-clock time names (RFC 5545 §3.3.5): the first of a repeated hour, and in
+        a gap the offset from before the gap."""
+        before, after = self.utc_offset(local - 2 * 86400), self.utc_offset(local + 2 * 86400)
+        named = [local - offset for offset in (before, after) if self.utc_offset(local - offset) == offset]
+        return min(named) if named else local - before
+
+    def vtimezone(self, since: int) -> str:
+        """The VTIMEZONE component, exact for every instant from ``since`` on (cached per first change)."""
+        first = bisect.bisect_right(self._instants, since) - 1
+        text = self._vtimezones.get(first)
+        if text is None:
+            text = self._vtimezones[first] = self._write_vtimezone(first, since)
+        return text
+
+    def _write_vtimezone(self, first: int, since: int) -> str:
+        """SPEC §4: from the change in force at ``since`` on, the file's changes as sub-components with
+        one RDATE per property (the DTSTART repeated as the first), then the rule as RRULEs whose DTSTART
+        is their own first occurrence; no UNTIL is needed, the rule runs on."""
+        components: list[tuple[int, str]] = []
+        if first < 0:                       # nothing changed before ``since``: the starting state
+            offset, dst, abbreviation = self._before
+            start = "16010101T000000" if since >= utc_seconds("16010101T000000Z") else "00010101T000000"
+            state = Change(FIRST_INSTANT, offset, offset, dst, dst, abbreviation)
+            components.append((FIRST_INSTANT, _observance(state, start, "")))
+        rule_from = max(first, 0, self._rule_from)
+        listed: dict[tuple, list[Change]] = {}
+        for change in self._changes[max(first, 0):min(self._rule_from, len(self._changes))]:
+            key = (change.kind, change.offset_from, change.offset_to, change.name)
+            listed.setdefault(key, []).append(change)
+        for group in listed.values():
+            dates = [basic_time(change.at + change.offset_from) for change in group]
+            rdates = "".join(f"RDATE:{date}\r\n" for date in dates) if len(dates) > 1 else ""
+            components.append((group[0].at, _observance(group[0], dates[0], rdates)))
+        if self.rule is not None:
+            for change in self._changes[rule_from:rule_from + 2]:
+                recurrence = f"RRULE:{self.rule.date_of(change).recurrence()}\r\n"
+                components.append((change.at, _observance(change, basic_time(change.at + change.offset_from),
+                                                          recurrence)))
+        components.sort(key=lambda component: component[0])
+        return (f"BEGIN:VTIMEZONE\r\nTZID:{self.name}\r\n" + "".join(text for _, text in components)
+                + "END:VTIMEZONE\r\n")
+
+
+def _utc_offset_text(seconds: int) -> str:
+    """A UTC-OFFSET value (§3.3.14): +0100, -0330, +005328 for a local mean time; never -0000."""
+    sign = "-" if seconds < 0 else "+"
+    hours, rest = divmod(abs(seconds), 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{sign}{hours:02d}{minutes:02d}" + (f"{seconds:02d}" if seconds else "")
+
+
+def _observance(change: Change, start: str, recurrence: str) -> str:
+    """One STANDARD or DAYLIGHT sub-component (§3.6.5)."""
+    name = f"TZNAME:{escape_text(change.name)}\r\n" if change.name else ""
+    return (f"BEGIN:{change.kind}\r\nDTSTART:{start}\r\nTZOFFSETFROM:{_utc_offset_text(change.offset_from)}\r\n"
+            f"TZOFFSETTO:{_utc_offset_text(change.offset_to)}\r\n{name}{recurrence}END:{change.kind}\r\n")
+
+
+def _zone_file(name: str) -> bytes | None:
+    """A zone's TZif bytes, found where zoneinfo finds them: the TZPATH folders (the system's zoneinfo
+    files, PYTHONTZPATH), then the ``tzdata`` package when it is installed."""
+    for folder in zoneinfo.TZPATH:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as file:
+                return file.read()
+    package, _, leaf = ("tzdata/zoneinfo/" + name).rpartition("/")
+    try:
+        import importlib.resources                 # only when the system's folders lack the zone
+        return importlib.resources.files(package.replace("/", ".")).joinpath(leaf).read_bytes()
+    except (ImportError, OSError):
+        return None
+
+
+_zones: dict[str, "TimeZone | None"] = {}
+_zones_lock = threading.Lock()
+
+
+def time_zone(name: str) -> TimeZone | None:
+    """The zone called ``name`` in this machine's tz database, read once per process; None when the
+    database lacks it or has none (its slots are then written in UTC, and a warning says so once)."""
+    zone = _zones.get(name, False)
+    if zone is not False:
+        return zone
+    with _zones_lock:
+        if name not in _zones:
+            _zones[name] = _load_time_zone(name)
+        return _zones[name]
+
+
+def _load_time_zone(name: str) -> TimeZone | None:
+    data = _zone_file(name) if ZONE_NAME_PATTERN.fullmatch(name) else None
+    if data is None:
+        logger.warning("time zone %r is not in this machine's time zone database: its slots are written in UTC "
+                       "(install the tzdata package to add the database)", name)
+        return None
+    try:
+        return TimeZone(name, data)
+    except (ValueError, IndexError, struct.error, UnicodeDecodeError) as error:
+        logger.warning("time zone %r cannot be read from the time zone database (%s): its slots are written "
+                       "in UTC", name, error)
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -513,6 +979,17 @@ def _pieces_keeping_escapes(data: bytes) -> list[bytes]:
         pieces.append(data[start:cut])
         start, piece = cut, _NEXT_PIECE
     return pieces
+
+
+# SPEC §4: SUMMARY, DESCRIPTION and LOCATION are left out when their text is empty once control characters
+# are dropped, or only spaces and TABs: libical (Evolution, GNOME Calendar) reports an empty value as an
+# error and deletes the property, and it trims white space first.
+_BLANK_CHARACTERS = " \t" + "".join(map(chr, range(0x20))) + "\x7f"
+
+
+def is_written(text: str) -> bool:
+    """Whether a SUMMARY, DESCRIPTION, LOCATION or calendar name has something to show."""
+    return bool(text.strip(_BLANK_CHARACTERS))
 
 
 def text_property(name: str, value: str) -> str:
@@ -615,13 +1092,14 @@ def _recurrence_problem(parts: dict[str, str]) -> str | None:
 
 
 @functools.lru_cache(maxsize=1024)
-def format_recurrence(rule: str, all_day: bool) -> tuple[str, str | None]:
+def format_recurrence(rule: str, all_day: bool, zone: "TimeZone | None" = None) -> tuple[str, str | None]:
     """The RRULE line (with CRLF; '' for no rule) for a stored RECUR value, or ('', why it is invalid).
 
     Rule part names and values are case-insensitive (§3.3.10); they are written upper-case with FREQ
     first (RFC 2445 required that, and some clients still expect it), the rest in stored order. UNTIL takes
-    the value type of DTSTART: a date-time becomes its date for an all-day slot; for a timed (UTC) slot a
-    date becomes that day at 23:59:59Z and a floating date-time is read as UTC."""
+    the value type of DTSTART: a date-time becomes its date for an all-day slot. For a timed slot it is
+    UTC (§3.3.10 requires that beside a DTSTART with TZID): a date becomes that day at 23:59:59 and a
+    floating date-time stays that wall-clock time, both read in the slot's ``zone`` (UTC without one)."""
     if rule == "":
         return "", None
     parts: dict[str, str] = {}
@@ -643,10 +1121,10 @@ def format_recurrence(rule: str, all_day: bool) -> tuple[str, str | None]:
         until = parts["UNTIL"]
         if all_day:
             parts["UNTIL"] = until[:8]
-        elif len(until) == 8:
-            parts["UNTIL"] = until + "T235959Z"
         elif not until.endswith("Z"):
-            parts["UNTIL"] = until + "Z"
+            wall_clock = utc_seconds((until + "T235959" if len(until) == 8 else until) + "Z")
+            instant = wall_clock if zone is None else zone.utc_of_local(wall_clock)
+            parts["UNTIL"] = basic_time(min(max(instant, FIRST_INSTANT), LAST_INSTANT)) + "Z"
     value = ";".join([f"FREQ={parts.pop('FREQ')}"] + [f"{name}={value}" for name, value in parts.items()])
     return fold_line("RRULE:" + value) + CRLF, None
 
@@ -662,8 +1140,8 @@ class CalendarStyle:
 
     @classmethod
     def of(cls, group: "Group | None", **options) -> "CalendarStyle":
-        """The style of a user's calendar: named after its group, or "Timeslot" for all slots."""
-        return cls(name=group.name if group else "Timeslot", **options)
+        """The style of a user's calendar: named after its group (unless the name is blank), or "Timeslot"."""
+        return cls(name=group.name if group and is_written(group.name) else "Timeslot", **options)
 
 
 @functools.lru_cache(maxsize=256)
@@ -681,65 +1159,140 @@ def calendar_header(style: CalendarStyle) -> str:
 CALENDAR_FOOTER = "END:VCALENDAR" + CRLF
 
 
+@dataclasses.dataclass(frozen=True)
+class CalendarZones:
+    """The time zones one calendar's events are written in, known before its first event: the known
+    zones by name, their VTIMEZONEs (ordered by TZID), and what the ETag must follow (each zone's data,
+    or that it was unknown)."""
+
+    by_name: Mapping[str, TimeZone] = dataclasses.field(default_factory=dict)
+    components: str = ""
+    fingerprint: str = ""
+
+    @classmethod
+    def of(cls, starts: Iterable[tuple[str, str]]) -> "CalendarZones":
+        """From (zone name, earliest start) pairs ordered by name, as Session.time_zone_starts gives them."""
+        by_name: dict[str, TimeZone] = {}
+        components, fingerprint = [], []
+        for name, earliest in starts:
+            zone = time_zone(name)
+            fingerprint.append(f"{name}={zone.fingerprint if zone else 'unknown'}")
+            if zone is not None:
+                by_name[name] = zone
+                components.append(zone.vtimezone(utc_seconds(earliest)))
+        return cls(by_name, "".join(components), ";".join(fingerprint))
+
+
+NO_ZONES = CalendarZones()
+
+
 def _location_text(name: str, street: str, postal_code: str, city: str, country: str) -> str:
-    """'name, street, postal_code city, country' of the parts that are not empty."""
-    town = " ".join(part for part in (postal_code, city) if part)
-    return ", ".join(part for part in (name, street, town, country) if part)
+    """'name, street, postal_code city, country' of the parts that are not empty (nor blank, which would
+    show as stray commas)."""
+    town = " ".join(part for part in (postal_code, city) if is_written(part))
+    return ", ".join(part for part in (name, street, town, country) if is_written(part))
 
 
-def write_event(row: tuple, style: CalendarStyle) -> str:
-    """One VEVENT (with its VALARMs) for a slot row of SQL_USER_SLOTS, in the property order of SPEC §4.
+def _date_time(name: str, instant: str, zone: TimeZone | None) -> tuple[str, TimeZone | None]:
+    """``NAME;TZID=<zone>:<local>`` for a UTC instant in basic form, and the zone it was written in; in UTC
+    (``NAME:<instant>``, zone None) without a zone or where no local time names the instant (the second
+    pass of a repeated hour, §3.3.5), so a client always reads the stored instant."""
+    if zone is not None:
+        local = zone.local_time(utc_seconds(instant))
+        if local is not None:
+            return f"{name};TZID={zone.name}:{local}\r\n", zone
+    return f"{name}:{instant}\r\n", None
+
+
+def _exdate(occurrences: str, all_day: bool, zone: TimeZone | None) -> str:
+    """SPEC §4 "Cancelled occurrences": one EXDATE in the form of DTSTART, values ascending. A value in a
+    repeated hour's second pass cannot be an occurrence (occurrences name the first) and is left out."""
+    instants = sorted(set(occurrences.split(",")))
+    if all_day:
+        values = sorted({instant[:8] for instant in instants})
+        name = "EXDATE;VALUE=DATE"
+    elif zone is not None:
+        values = [local for local in map(zone.local_time, map(utc_seconds, instants)) if local is not None]
+        name = f"EXDATE;TZID={zone.name}"
+    else:
+        values, name = instants, "EXDATE"
+    return fold_line(name + ":" + ",".join(values)) + CRLF if values else ""
+
+
+def write_event(row: tuple, style: CalendarStyle, zones: Mapping[str, TimeZone] = NO_ZONES.by_name) -> str:
+    """One VEVENT (with its VALARMs) for a slot row of SQL_USER_SLOTS, in the property order of SPEC §4;
+    a timed slot whose zone is in ``zones`` is written in its wall-clock time, any other in UTC.
 
     This runs once per slot, so each block is one f-string (one allocation) rather than a chain of +."""
     (uid, created, updated, start, end, all_day, rule, visibility, title, description,
-     place, street, postal_code, city, country, latitude, longitude, alerts) = row
+     place, street, postal_code, city, country, latitude, longitude, alerts, zone_name, exdates) = row
+    zone = None
     if all_day:
         end_date = _next_day((end or start)[:8])   # DTEND is exclusive (§3.6.1): the day after the last
         times = f"DTSTART;VALUE=DATE:{start[:8]}\r\n" + (f"DTEND;VALUE=DATE:{end_date}\r\n" if end_date else "")
-    elif end is None or end == start:
-        times = f"DTSTART:{start}\r\n"
+    elif not zone_name or zone_name not in zones:
+        times = f"DTSTART:{start}\r\n" if end is None or end == start else f"DTSTART:{start}\r\nDTEND:{end}\r\n"
     else:
-        times = f"DTSTART:{start}\r\nDTEND:{end}\r\n"
+        times, zone = _date_time("DTSTART", start, zones[zone_name])   # recurrence follows DTSTART's form
+        if end is not None and end != start:
+            times += _date_time("DTEND", end, zones[zone_name])[0]
     recurrence = ""
     if rule:
-        recurrence, problem = format_recurrence(rule, bool(all_day))
+        recurrence, problem = format_recurrence(rule, bool(all_day), zone)
         if problem:
             logger.warning("slot %s: invalid RRULE %r left out: %s", uid, rule, problem)
+        elif exdates:
+            recurrence += _exdate(exdates, all_day, zone)
     head = (f"BEGIN:VEVENT\r\nUID:{uid}\r\nDTSTAMP:{updated}\r\nCREATED:{created}\r\n"
             f"LAST-MODIFIED:{updated}\r\n{times}{recurrence}")
     if style.busy:
         return f"{head}CLASS:PRIVATE\r\nSUMMARY:Busy\r\nEND:VEVENT\r\n"
-    summary = escape_text(title.decode("utf-8", "replace"))            # title, description: NOT NULL
-    description_text = escape_text(description.decode("utf-8", "replace"))
-    event = (f"{head}CLASS:{CLASS_BY_VISIBILITY[visibility]}\r\n{fold_line('SUMMARY:' + summary)}\r\n"
-             f"{fold_line('DESCRIPTION:' + description_text)}\r\n")
+    event = f"{head}CLASS:{CLASS_BY_VISIBILITY[visibility]}\r\n"
+    title_text = title.decode("utf-8", "replace")                     # title, description: NOT NULL
+    summary = escape_text(title_text) if is_written(title_text) else None
+    if summary is not None:
+        event += fold_line("SUMMARY:" + summary) + CRLF
+    description_text = description.decode("utf-8", "replace")
+    if is_written(description_text):
+        event += text_property("DESCRIPTION", description_text)
     if place is not None:    # locations.name is NOT NULL: None means the slot has no location
         location = _location_text(_decode(place), _decode(street), _decode(postal_code), _decode(city),
                                   _decode(country))
-        if location:
+        if is_written(location):
             event += text_property("LOCATION", location)
     if latitude is not None:
         event += f"GEO:{format_decimal(latitude)};{format_decimal(longitude)}\r\n"
     if alerts is not None and style.alarms:
-        alarm_description = fold_line("DESCRIPTION:" + summary)
+        alarm_description = fold_line("DESCRIPTION:" + (summary if summary is not None else "Reminder"))
         for minutes in sorted(map(int, alerts.split(","))):
             event += (f"BEGIN:VALARM\r\nACTION:DISPLAY\r\n{alarm_description}\r\n"
                       f"TRIGGER:-PT{minutes}M\r\nEND:VALARM\r\n")
     return event + "END:VEVENT\r\n"
 
 
-def export_calendar(session: Session, user_id: int, group: Group | None, style: CalendarStyle) -> Iterator[bytes]:
+def calendar_zones(session: Session, user_id: int, group: Group | None) -> CalendarZones:
+    """The time zones of the calendar export_calendar writes (one indexed query, no pass over the slots)."""
+    return CalendarZones.of(session.time_zone_starts(user_id, group.id if group else None))
+
+
+def export_calendar(session: Session, user_id: int, group: Group | None, style: CalendarStyle,
+                    zones: CalendarZones | None = None) -> Iterator[bytes]:
     """The one calendar the API, the feeds and the CLI export: the user's slots, all or one group's."""
-    return write_calendar(session.slot_batches(user_id, group.id if group else None), style)
+    if zones is None:
+        zones = calendar_zones(session, user_id, group)
+    return write_calendar(session.slot_batches(user_id, group.id if group else None), style, zones)
 
 
-def write_calendar(batches: Iterable[list[tuple]], style: CalendarStyle) -> Iterator[bytes]:
-    """The whole calendar as UTF-8 pieces of about CHUNK_CHARS characters, produced as rows arrive."""
-    parts = [calendar_header(style)]
+def write_calendar(batches: Iterable[list[tuple]], style: CalendarStyle,
+                   zones: CalendarZones = NO_ZONES) -> Iterator[bytes]:
+    """The whole calendar as UTF-8 pieces of about CHUNK_CHARS characters, produced as rows arrive: the
+    header, the VTIMEZONEs, then one event per row."""
+    parts = [calendar_header(style), zones.components]
     size = 0
+    by_name = zones.by_name
     for batch in batches:
         for row in batch:
-            event = write_event(row, style)
+            event = write_event(row, style, by_name)
             parts.append(event)
             size += len(event)
             if size >= CHUNK_CHARS:
@@ -1009,7 +1562,8 @@ def authenticate(session: Session, authorization: str) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------------
 
 def _entity_tag(*parts: object) -> str:
-    """A weak ETag from the module version, the user's export version and what the request asked for."""
+    """A weak ETag from the module version, the user's export version, what the request asked for, the
+    representation's content type and the time zone data the body is written with."""
     digest = hashlib.sha256("\0".join(map(str, (__version__, *parts))).encode("utf-8")).hexdigest()
     return f'W/"{digest[:32]}"'
 
@@ -1019,14 +1573,16 @@ def calendar_response(app: "ExportApp", request: Request, session: Session, *, u
                       headers: list[tuple[str, str]]) -> Response:
     """The calendar as a streamed response, or 304 for a matching If-None-Match on GET/HEAD.
 
-    The ETag comes from the export version, so a 304 never reads a slot. The body streams from the
-    cursor; when it fits in PREBUFFER_BYTES it is sent whole with a Content-Length (and any database
-    error before the first byte still gets its proper status)."""
-    etag = _entity_tag(user_id, version, group.uuid if group else "", variant)
+    The ETag comes from the export version and the zones' data (one indexed query), so a 304 never
+    reads a slot. The body streams from the cursor; when it fits in PREBUFFER_BYTES it is sent whole with
+    a Content-Length (and any database error before the first byte still gets its proper status)."""
+    zones = calendar_zones(session, user_id, group)
+    content_type = next(value for name, value in headers if name == "Content-Type")
+    etag = _entity_tag(user_id, version, group.uuid if group else "", variant, content_type, zones.fingerprint)
     headers += [("Cache-Control", "private"), ("ETag", etag)]
     if request.method in ("GET", "HEAD") and etag_matches(request.header("If-None-Match"), etag):
         return Response(HTTPStatus.NOT_MODIFIED, headers, close=session.close)
-    chunks = export_calendar(session, user_id, group, style)
+    chunks = export_calendar(session, user_id, group, style, zones)
     if accepts(request.header("Accept-Encoding"), "gzip"):
         chunks = gzip_stream(chunks)
         headers.append(("Content-Encoding", "gzip"))
@@ -1447,28 +2003,33 @@ def _insert_demo_data(connection: sqlite3.Connection, digest: str) -> None:
                                      13.404954)).lastrowid
     cafe = run(SQL_DEMO_LOCATION, ("Café Noir", None, None, "Paris", None, None, None)).lastrowid
     slots = (
-        # key, title, description, start, end, all_day, rrule, visibility, location, alerts, groups
-        ("standup", "Team stand-up", "Daily sync; keep it short, please.", "2026-12-01T09:00:00Z",
-         "2026-12-01T09:15:00Z", 0, "FREQ=WEEKLY;BYDAY=MO,TU,WE,TH,FR;UNTIL=20270331T090000Z", "friends",
-         office, (5, 15), ("work",)),
+        # key, title, description, start, end, all_day, rrule, time zone, cancelled occurrences, visibility,
+        # location, alerts, groups. The stand-up stays at 09:00 in Berlin when the clocks change on 28 March.
+        ("standup", "Team stand-up", "Daily sync; keep it short, please.", "2026-12-01T08:00:00Z",
+         "2026-12-01T08:15:00Z", 0, "FREQ=WEEKLY;BYDAY=MO,TU,WE,TH,FR;UNTIL=20270331", "Europe/Berlin",
+         ("2026-12-24T08:00:00Z", "2026-12-31T08:00:00Z"), "friends", office, (5, 15), ("work",)),
         ("review", "Quarterly review \u2013 Q4 \U0001F4C8", "Agenda:\n1. Numbers\n2. Plans\\Ideas",
-         "2026-12-10T13:00:00Z", "2026-12-10T15:30:00Z", 0, "", "private", office, (30,), ("work",)),
-        ("holiday", "Winter holiday", "", "2026-12-24T00:00:00Z", "2026-12-31T00:00:00Z", 1, "", "public",
+         "2026-12-10T13:00:00Z", "2026-12-10T15:30:00Z", 0, "", "Europe/Berlin", (), "private", office, (30,),
+         ("work",)),
+        ("holiday", "Winter holiday", "", "2026-12-24T00:00:00Z", "2026-12-31T00:00:00Z", 1, "", "", (), "public",
          None, (), ("family",)),
         ("birthday", "Grandma's birthday \U0001F382", "Bring flowers", "2026-03-14T00:00:00Z", None, 1,
-         "FREQ=YEARLY", "foaf", cafe, (1440,), ("family",)),
+         "FREQ=YEARLY", "", (), "foaf", cafe, (1440,), ("family",)),
         ("book", "Book club: \u00ab\u0391\u03bd\u03b1\u03b3\u03ad\u03bd\u03bd\u03b7\u03c3\u03b7\u00bb", "We read "
          "a long novel this month; the description is long enough to be folded across several lines of the "
          "calendar file, which every client must unfold again.", "2026-12-05T18:00:00Z", None, 0,
-         "FREQ=MONTHLY;BYDAY=1SA;COUNT=6", "public", cafe, (), ("club",)),
-        ("gym", "Gym", "", "2026-12-02T17:00:00Z", "2026-12-02T18:00:00Z", 0, "", "private", None, (0,), ()),
-        ("deleted", "A deleted slot (never exported)", "", "2026-12-03T10:00:00Z", None, 0, "", "public",
+         "FREQ=MONTHLY;BYDAY=1SA;COUNT=6", "", (), "public", cafe, (), ("club",)),
+        ("gym", "Gym", "", "2026-12-02T17:00:00Z", "2026-12-02T18:00:00Z", 0, "", "", (), "private", None, (0,), ()),
+        ("deleted", "A deleted slot (never exported)", "", "2026-12-03T10:00:00Z", None, 0, "", "", (), "public",
          None, (), ("work",)),
     )
-    for key, title, description, start, end, all_day, rule, visibility, location, alerts, in_groups in slots:
+    for (key, title, description, start, end, all_day, rule, zone, cancelled, visibility, location, alerts,
+         in_groups) in slots:
         slot = run(SQL_DEMO_SLOT, (_demo_uuid("slot:" + key), demo, title, description, start, end, all_day, rule,
-                                   visibility, location, "2026-11-21T00:00:00Z" if key == "deleted" else None)
+                                   zone, visibility, location, "2026-11-21T00:00:00Z" if key == "deleted" else None)
                    ).lastrowid
+        for occurrence in cancelled:
+            run(SQL_DEMO_EXDATE, (slot, occurrence))
         for minutes in alerts:
             run(SQL_DEMO_ALERT, (slot, minutes))
         for group in in_groups:

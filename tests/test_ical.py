@@ -45,6 +45,11 @@ def expected_text(value):
     return re.sub("[\ud800-\udfff]", "\ufffd", value)
 
 
+def blank(value):
+    """SPEC §4: text that is empty once control characters are dropped, or only spaces and TABs, is not written."""
+    return re.sub("[\x00-\x08\x0a-\x1f\x7f]", "", value).strip(" \t") == ""
+
+
 def physical_lines(text):
     return text.split("\r\n")
 
@@ -150,8 +155,11 @@ def test_random_slots_export_with_one_event_each_and_exact_text(client, data):
     for event in events(body):
         fields = dict(line.split(":", 1) for line in event if ":" in line and not line.startswith(" "))
         title, description = stored[fields["UID"]]
-        assert unescape(fields["SUMMARY"]) == expected_text(title)
-        assert unescape(fields["DESCRIPTION"]) == expected_text(description)
+        for name, value in (("SUMMARY", title), ("DESCRIPTION", description)):
+            if blank(value):
+                assert name not in fields
+            else:
+                assert unescape(fields[name]) == expected_text(value)
 
 
 # --- every property, in order ------------------------------------------------------------------------------
@@ -216,6 +224,8 @@ def test_start_and_end(client, data, start, end, all_day, expected):
     ({"postal_code": "10117"}, "LOCATION:10117"),
     ({"name": "A", "postal_code": "1", "city": "B", "country": "C"}, "LOCATION:A\\, 1 B\\, C"),
     ({"name": "", "street": "", "city": "", "country": ""}, None),
+    ({"name": " ", "street": "Main St 1", "postal_code": "\t", "city": "Berlin", "country": " "},
+     "LOCATION:Main St 1\, Berlin"),                                 # blank parts would show as stray commas
     ({"latitude": 1e-05, "longitude": -0.5}, None),
 ])
 def test_location_joins_the_non_empty_parts(client, data, location, expected):
@@ -242,9 +252,31 @@ def test_alarms_ascending_with_the_title(client, data):
     assert all("ACTION:DISPLAY\nDESCRIPTION:Call\\, now\n" in alarm for alarm in alarms)
 
 
-def test_summary_and_description_are_always_present(client, data):
-    event = one_event(client, data, title="", description="")
-    assert "SUMMARY:" in event and "DESCRIPTION:" in event
+@pytest.mark.parametrize("text", ["", " ", "\t", " \t  ", "\x00", "\x07 \x1b", "\r\n", " \n\t\x7f "])
+def test_blank_text_properties_are_left_out_and_the_alarm_says_reminder(client, data, text):
+    """libical reports an empty value as an error and deletes the property (it trims white space first)."""
+    location = data.location(name=text, city=text)
+    event = one_event(client, data, title=text, description=text, location_id=location, alerts=[10])
+    names = [line.split(":", 1)[0].split(";", 1)[0] for line in event]
+    assert "SUMMARY" not in names and "LOCATION" not in names
+    assert names.count("DESCRIPTION") == 1                            # the alarm's own, which §3.6.6 requires
+    assert "ACTION:DISPLAY" in event and "DESCRIPTION:Reminder" in event
+
+
+@pytest.mark.parametrize("text, line", [
+    ("x", "SUMMARY:x"), (" x ", "SUMMARY: x "), ("\tx", "SUMMARY:\tx"), ("\x00x", "SUMMARY:x"),
+    ("\u2028", "SUMMARY:\u2028"), ("\u00a0", "SUMMARY:\u00a0")
+])
+def test_text_with_something_to_show_is_written_as_stored(client, data, text, line):
+    event = one_event(client, data, title=text, alerts=[10])
+    assert line in event and "DESCRIPTION:" + line[len("SUMMARY:"):] in event    # the alarm repeats the title
+
+
+def test_a_group_with_a_blank_name_is_called_timeslot(client, data):
+    user_id, token = data.user()
+    group_id, group_uuid = data.group(user_id, name=" \t")
+    body = client.post_json(EXPORT, {"group": group_uuid}, headers=auth(token)).body
+    assert b"\r\nNAME:Timeslot\r\nX-WR-CALNAME:Timeslot\r\n" in body
 
 
 def test_text_that_is_not_utf8_becomes_replacement_characters(client, data):
@@ -371,7 +403,9 @@ def test_invalid_rule_is_left_out_and_logged_and_the_export_goes_on(client, data
 
 def test_busy_style_shows_nothing_personal():
     row = ("u", "20190101T000000Z", "20190101T000000Z", "20190102T100000Z", "20190102T110000Z", 0, "FREQ=DAILY",
-           "public", b"Secret title", b"Secret description", b"Secret place", None, None, None, None, 1.0, 2.0, "5")
+           "public", b"Secret title", b"Secret description", b"Secret place", None, None, None, None, 1.0, 2.0, "5",
+           "", "20190103T100000Z")
     event = timeslot_export.write_event(row, timeslot_export.CalendarStyle(busy=True, alarms=False))
     assert "Secret" not in event and "GEO" not in event and "VALARM" not in event and "DESCRIPTION" not in event
     assert "SUMMARY:Busy\r\n" in event and "CLASS:PRIVATE\r\n" in event and "RRULE:FREQ=DAILY\r\n" in event
+    assert "RRULE:FREQ=DAILY\r\nEXDATE:20190103T100000Z\r\nCLASS:PRIVATE\r\n" in event      # cancellations stay
