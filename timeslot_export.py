@@ -132,12 +132,12 @@ SQL_USER_ZONES = f"""
         FROM zones WHERE zones.name IS NOT NULL)
     SELECT name, (SELECT replace(replace(min(s.start_at), '-', ''), ':', '') FROM slots s
                   WHERE {_ZONED} AND s.time_zone = zones.name)
-    FROM zones WHERE name IS NOT NULL ORDER BY name"""
+    FROM zones WHERE name IS NOT NULL"""
 SQL_GROUP_ZONES = f"""
     SELECT s.time_zone, replace(replace(min(s.start_at), '-', ''), ':', '')
     FROM group_slots gs JOIN slots s ON s.id = gs.slot_id
     WHERE gs.group_id = :group AND gs.deleted_at IS NULL AND {_ZONED}
-    GROUP BY s.time_zone ORDER BY s.time_zone"""
+    GROUP BY s.time_zone"""
 SQL_FEED_BY_DIGEST = """
     SELECT f.id, f.user_id, f.group_id, f.details, f.alarms, f.revoked_at IS NOT NULL,
            u.deleted_at IS NOT NULL, coalesce(v.version, -1)
@@ -375,7 +375,7 @@ class Session:
 
     def time_zone_starts(self, user_id: int, group_id: int | None) -> list[tuple[str, str]]:
         """(zone name, earliest start in basic form) of the timed slots an export writes, by name."""
-        return self._rows(SQL_USER_ZONES if group_id is None else SQL_GROUP_ZONES, {"user": user_id, "group": group_id})
+        return sorted(self._rows(SQL_USER_ZONES if group_id is None else SQL_GROUP_ZONES, {"user": user_id, "group": group_id}))
 
     def schema_current(self) -> bool:
         """Whether the database has the Timeslot tables and columns this version reads (a start-up check)."""
@@ -546,7 +546,8 @@ def basic_time(seconds: int) -> str:
 
 
 def _year_of(seconds: int) -> int:
-    return datetime.date.fromordinal(seconds // 86400 + EPOCH_ORDINAL).year
+    """The UTC year of an instant, held within 1-9999 (a wall clock may run a day past either end)."""
+    return datetime.date.fromordinal(min(max(seconds, FIRST_INSTANT), LAST_INSTANT) // 86400 + EPOCH_ORDINAL).year
 
 
 @dataclasses.dataclass(frozen=True)
@@ -771,9 +772,17 @@ class TimeZone:
         self._vtimezones: dict[int, str] = {}
 
     def _first_following_rule(self, changes: list[Change]) -> int:
-        """The index from which the file's own transitions are those the footer rule gives anyway."""
+        """The index from which the file's own transitions are those the footer rule gives anyway, each
+        followed by the rule's next change (a zone that paused DST, like Haiti in 2016, breaks the run)."""
         first = len(changes)
-        while first and changes[first - 1] in self.rule.changes(_year_of(changes[first - 1].at)):
+        while first:
+            year = _year_of(changes[first - 1].at)
+            ruled = self.rule.changes(year - 1) + self.rule.changes(year) + self.rule.changes(year + 1)
+            if changes[first - 1] not in ruled:
+                break
+            following = ruled.index(changes[first - 1]) + 1
+            if first < len(changes) and ruled[following] != changes[first]:
+                break
             first -= 1
         return first
 

@@ -225,7 +225,7 @@ def test_start_and_end(client, data, start, end, all_day, expected):
     ({"name": "A", "postal_code": "1", "city": "B", "country": "C"}, "LOCATION:A\\, 1 B\\, C"),
     ({"name": "", "street": "", "city": "", "country": ""}, None),
     ({"name": " ", "street": "Main St 1", "postal_code": "\t", "city": "Berlin", "country": " "},
-     "LOCATION:Main St 1\, Berlin"),                                 # blank parts would show as stray commas
+     "LOCATION:Main St 1\\, Berlin"),                                # blank parts would show as stray commas
     ({"latitude": 1e-05, "longitude": -0.5}, None),
 ])
 def test_location_joins_the_non_empty_parts(client, data, location, expected):

@@ -1,6 +1,7 @@
 """SPEC §2: the schema rejects every value the exporter could not represent, and exports are index scans."""
 
 import datetime
+import os
 import random
 import sqlite3
 
@@ -102,12 +103,12 @@ def test_every_real_instant_is_accepted(db):
 
 def test_foreign_keys_are_declared(db):
     declared = {(table, row[2]) for table in ("slot_groups", "memberships", "slots", "slot_alerts", "group_slots",
-                                              "feeds")
+                                              "feeds", "slot_exdates")
                 for row in db.execute(f"PRAGMA foreign_key_list({table})")}
     assert declared == {("slot_groups", "users"), ("memberships", "slot_groups"), ("memberships", "users"),
                         ("slots", "users"), ("slots", "locations"), ("slot_alerts", "slots"),
                         ("group_slots", "slot_groups"), ("group_slots", "slots"), ("feeds", "users"),
-                        ("feeds", "slot_groups")}
+                        ("feeds", "slot_groups"), ("slot_exdates", "slots")}
 
 
 @pytest.mark.parametrize("sql, parameters", [
@@ -115,9 +116,12 @@ def test_foreign_keys_are_declared(db):
     (timeslot_export.SQL_USER_BY_TOKEN, ("a" * 64,)), (timeslot_export.SQL_FEED_BY_DIGEST, ("a" * 64,)),
     (timeslot_export.SQL_GROUP_BY_UUID, {"group": "x", "user": 1}),
     (timeslot_export.SQL_GROUP_BY_ID, {"group": 1, "user": 1}),
+    (timeslot_export.SQL_USER_ZONES, {"user": 1}), (timeslot_export.SQL_GROUP_ZONES, {"group": 1, "user": 1}),
 ])
 def test_export_queries_are_index_searches_not_table_scans(db, sql, parameters):
-    steps = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql, parameters)]
+    # The zone query's recursive CTE adds steps of its own; "SCAN zones" reads the CTE's rows, not a table.
+    recursion = {"CO-ROUTINE zones", "SETUP", "RECURSIVE STEP", "SCAN zones"}
+    steps = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql, parameters) if row[3] not in recursion]
     assert not [step for step in steps if step.startswith("SCAN") or "TEMP B-TREE" in step], steps
     assert all(step.startswith("SEARCH") for step in steps if not step.startswith("CORRELATED")), steps
 
@@ -141,6 +145,10 @@ def test_export_version_advances_on_every_change_the_users_exports_show(data):
         "UPDATE locations SET name = 'There' WHERE id = :location",
         "UPDATE group_slots SET deleted_at = '2020-01-01T00:00:00Z' WHERE slot_id = :slot",
         "UPDATE slot_groups SET name = 'Renamed' WHERE id = :group",
+        "INSERT INTO slot_exdates (slot_id, occurrence_at) VALUES (:slot, '2020-01-08T00:00:00Z')",
+        "UPDATE slot_exdates SET occurrence_at = '2020-01-15T00:00:00Z' WHERE slot_id = :slot",
+        "DELETE FROM slot_exdates WHERE slot_id = :slot",
+        "UPDATE slots SET time_zone = 'Europe/Berlin' WHERE id = :slot",
         "UPDATE slots SET deleted_at = '2020-01-01T00:00:00Z' WHERE id = :slot",
     ]
     for change in changes:
@@ -163,3 +171,104 @@ def test_export_version_ignores_other_users_changes(data):
     data.db.execute("UPDATE slots SET title = 'x' WHERE id = ?", (bob_slot,))
     data.group(bob)
     assert version(data.db, alice) == before
+
+
+# --- time zones and cancelled occurrences (SPEC §2) -----------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["", "UTC", "Europe/Berlin", "America/Argentina/Buenos_Aires", "Etc/GMT+5",
+                                  "Etc/GMT-14", "America/Port-au-Prince", "EST5EDT", "Z", "a" * 64, "Not/A_Zone"])
+def test_time_zone_names_of_the_right_shape_are_accepted(db, name):
+    insert(db, "slots", **GOOD_SLOT, time_zone=name)
+    assert db.execute("SELECT time_zone FROM slots").fetchone() == (name,)
+
+
+@pytest.mark.parametrize("name", ["/Europe/Berlin", "Europe/Berlin/", "Europe//Berlin", "/", "Europe/Ber.lin",
+                                  "../../etc/passwd", "a" * 65, "Europe/Berlin ", " UTC", "Europe Berlin",
+                                  "Europe/Berlin\n", "Zürich", "Europe\\Berlin", "UTC;DROP", None, b"UTC"])
+def test_time_zone_names_of_another_shape_are_rejected_with_a_clear_error(db, name):
+    with pytest.raises(sqlite3.IntegrityError, match="time_zone"):
+        insert(db, "slots", **GOOD_SLOT, time_zone=name)
+
+
+def test_a_time_zone_name_defaults_to_utc(db):
+    insert(db, "slots", **GOOD_SLOT)
+    assert db.execute("SELECT time_zone FROM slots").fetchone() == ("",)
+
+
+@pytest.mark.parametrize("values", [
+    {"slot_id": 1, "occurrence_at": "2019-02-30T10:00:00Z"}, {"slot_id": 1, "occurrence_at": "2019-03-01 10:00:00Z"},
+    {"slot_id": 1, "occurrence_at": None}, {"slot_id": 1, "occurrence_at": 20190301},
+    {"slot_id": 99, "occurrence_at": "2019-03-01T10:00:00Z"},
+])
+def test_cancelled_occurrences_the_exporter_cannot_represent_are_rejected(db, values):
+    db.execute("PRAGMA foreign_keys = ON")
+    insert(db, "slots", **GOOD_SLOT)
+    with pytest.raises(sqlite3.IntegrityError):
+        insert(db, "slot_exdates", **values)
+
+
+def test_a_cancelled_occurrence_is_stored_once(db):
+    insert(db, "slots", **GOOD_SLOT)
+    insert(db, "slot_exdates", slot_id=1, occurrence_at="2019-03-07T10:00:00Z")
+    with pytest.raises(sqlite3.IntegrityError):
+        insert(db, "slot_exdates", slot_id=1, occurrence_at="2019-03-07T10:00:00Z")
+
+
+OLD_SCHEMA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "schema-1.0.0.sql")
+
+
+def test_initdb_brings_a_database_of_the_first_schema_up_to_date_and_keeps_every_row(tmp_path):
+    """A database file built by schema.sql as release 1.0.0 shipped it (kept in tests/data/)."""
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path, isolation_level=None)
+    with open(OLD_SCHEMA, encoding="utf-8") as schema:
+        old.executescript(schema.read())
+    old.execute("INSERT INTO users (id, uuid, username) VALUES (1, '00000000-0000-4000-8000-000000000001', 'kept')")
+    for number in range(50):
+        old.execute("INSERT INTO slots (uuid, creator_id, title, start_at, rrule) VALUES (?, 1, ?, ?, 'FREQ=DAILY')",
+                    (f"00000000-0000-4000-8000-{number:012d}", f"slot {number}", f"2019-03-{1 + number % 28:02d}T10:00:00Z"))
+        old.execute("INSERT INTO slot_alerts (slot_id, minutes_before) VALUES (?, 5)", (number + 1,))
+    before = {table: old.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
+              for table in ("users", "slots", "slot_alerts", "export_versions")}
+    old.close()
+    with pytest.raises(timeslot_export.DatabaseUnavailable, match="run initdb"):
+        timeslot_export.Database(str(path)).check()          # the service says what to do, no traceback
+    for _ in range(2):                                       # and a second run changes nothing
+        connection = timeslot_export.connect_for_writing(str(path))
+        timeslot_export.apply_schema(connection)
+        connection.close()
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA foreign_keys = ON")
+    after = {table: db.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall() for table in before}
+    assert after["users"] == before["users"] and after["slot_alerts"] == before["slot_alerts"]
+    assert after["export_versions"] == before["export_versions"]
+    assert [row[:-1] for row in after["slots"]] == before["slots"] and {row[-1] for row in after["slots"]} == {""}
+    timeslot_export.Database(str(path)).check()
+    with pytest.raises(sqlite3.IntegrityError, match="time_zone"):
+        db.execute("UPDATE slots SET time_zone = 'Europe//Berlin' WHERE id = 1")
+    db.execute("UPDATE slots SET time_zone = 'Europe/Berlin' WHERE id = 1")
+    db.execute("INSERT INTO slot_exdates (slot_id, occurrence_at) VALUES (1, '2019-03-02T10:00:00Z')")
+    assert db.execute("SELECT version FROM export_versions").fetchone()[0] > before["export_versions"][0][1] + 2
+    new = tmp_path / "new.sqlite3"
+    fresh = timeslot_export.connect_for_writing(str(new), create=True)
+    timeslot_export.apply_schema(fresh)
+    definitions = "SELECT type, name, sql FROM sqlite_master ORDER BY type, name"
+    assert db.execute(definitions).fetchall() == fresh.execute(definitions).fetchall()
+    assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_a_failed_initdb_leaves_the_database_as_it_was(tmp_path, monkeypatch):
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path, isolation_level=None)
+    with open(OLD_SCHEMA, encoding="utf-8") as schema:
+        old.executescript(schema.read())
+    old.close()
+    broken = tmp_path / "schema.sql"
+    with open(timeslot_export.SCHEMA_PATH, encoding="utf-8") as schema:
+        broken.write_text(schema.read() + "\nCREATE TABLE users (id INTEGER);\n")    # fails at the very end
+    monkeypatch.setattr(timeslot_export, "SCHEMA_PATH", str(broken))
+    connection = timeslot_export.connect_for_writing(str(path))
+    with pytest.raises(sqlite3.OperationalError):
+        timeslot_export.apply_schema(connection)
+    assert not [row for row in connection.execute("SELECT name FROM pragma_table_info('slots') WHERE name = 'time_zone'")]
+    assert not connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'slot_exdates'").fetchall()
