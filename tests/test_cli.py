@@ -178,6 +178,12 @@ def test_demo_exercises_every_feature(tmp_path):
     for needle in ("DTSTART;VALUE=DATE:", "RRULE:", "GEO:", "LOCATION:", "BEGIN:VALARM", "CLASS:PUBLIC",
                    "CLASS:PRIVATE", "CLASS:CONFIDENTIAL", "\\,", "\\;", "\\n", "\r\n "):
         assert needle in body, needle
+    # a weekly slot in a zone with daylight saving time, across a change, with cancelled occurrences
+    assert "BEGIN:VTIMEZONE\r\nTZID:Europe/Berlin\r\n" in body and "RRULE:FREQ=YEARLY;BYMONTH=3;BYDAY=-1SU" in body
+    assert "DTSTART;TZID=Europe/Berlin:20261201T090000\r\n" in body
+    assert "RRULE:FREQ=WEEKLY;BYDAY=MO,TU,WE,TH,FR;UNTIL=20270331T215959Z\r\n" in body
+    assert "EXDATE;TZID=Europe/Berlin:20261224T090000,20261231T090000\r\n" in body
+    assert "DESCRIPTION:\r\n" not in body and "SUMMARY:\r\n" not in body            # libical's empty-value error
     assert "deleted slot" not in body
 
 

@@ -2,7 +2,6 @@
 RFC 5545 reader (tests/rfc5545.py), against wall-clock recurrence converted by zoneinfo, through 2040."""
 
 import datetime
-import importlib.resources
 import logging
 import os
 import struct
@@ -363,7 +362,7 @@ def test_etag_follows_cancelled_occurrences_content_type_and_time_zone_data(clie
     for key, source in (("berlin", "Europe/Berlin"), ("new_york", "America/New_York")):
         folders[key] = tmp_path / key
         (folders[key] / "Test").mkdir(parents=True)
-        (folders[key] / "Test" / "Zone").write_bytes(tzif_bytes(source))
+        (folders[key] / "Test" / "Zone").write_bytes(timeslot_export._zone_file(source))
     tags, bodies = {}, {}
     try:
         for key in ("berlin", "new_york", "berlin-again"):
@@ -388,17 +387,6 @@ def test_etag_follows_cancelled_occurrences_content_type_and_time_zone_data(clie
     assert calendar_tag != download
     answer = client.get(EXPORT, headers={**auth(token), "Accept": "text/calendar", "If-None-Match": download})
     assert answer.status_int == 200 and answer.headers["Content-Type"].startswith("text/calendar")
-
-
-def tzif_bytes(name):
-    """A zone's TZif file, from the system's folders or the tzdata package, as zoneinfo would find it."""
-    for folder in zoneinfo.TZPATH:
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as file:
-                return file.read()
-    package, _, leaf = ("tzdata/zoneinfo/" + name).rpartition("/")
-    return importlib.resources.files(package.replace("/", ".")).joinpath(leaf).read_bytes()
 
 
 def test_busy_feeds_keep_time_zones_and_cancelled_occurrences(client, data):
