@@ -598,35 +598,48 @@ class RuleDate:
                 ordinal += -1 + (calendar.isleap(year) and self.day >= 60)
         return (ordinal - EPOCH_ORDINAL) * 86400 + self.seconds
 
-    def recurrence(self) -> str:
-        """The same dates as an RRULE, for a DTSTART at this rule's time of day (which may be on another
-        day than the rule names: "Thursday, 26:00" is Friday at 02:00)."""
+    def recurrences(self) -> list[tuple[int | None, str]]:
+        """The same dates as yearly RRULEs, for a DTSTART at this rule's time of day (which may fall on
+        another day than the rule names: "Thursday, 26:00" is Friday at 02:00), each with the month its
+        dates fall in (None: any). Where the moved days run over a month's end there is one rule per month,
+        and each year exactly one of them fires: ical.js (Thunderbird) refuses BYYEARDAY beside BYDAY, and
+        Outlook reads BYMONTH rules best."""
         shift = self.seconds // 86400
         if self.form != "M":
             if shift:
                 raise ValueError("a J or n rule date with a time outside 0-24 h")
             if self.form == "n":
-                return f"FREQ=YEARLY;BYYEARDAY={self.day + 1}"
+                return [(None, f"FREQ=YEARLY;BYYEARDAY={self.day + 1}")]
             day = datetime.date(2001, 1, 1) + datetime.timedelta(days=self.day - 1)
-            return f"FREQ=YEARLY;BYMONTH={day.month};BYMONTHDAY={day.day}"
+            return [(None, f"FREQ=YEARLY;BYMONTH={day.month};BYMONTHDAY={day.day}")]
         if shift == 0:
-            return f"FREQ=YEARLY;BYMONTH={self.month};BYDAY={-1 if self.week == 5 else self.week}{WEEKDAYS[self.weekday]}"
+            ordinal = -1 if self.week == 5 else self.week
+            return [(None, f"FREQ=YEARLY;BYMONTH={self.month};BYDAY={ordinal}{WEEKDAYS[self.weekday]}")]
+        # The seven days the named weekday can fall on, moved by the shift, as (month, BYMONTHDAY): counted
+        # from the month's start, or for week 5 back from its end (-1 the last day), spilling into the
+        # month before or after. February's length varies, so no day may count forward past its 28th.
+        length = 28 if self.month == 2 else calendar.monthrange(2001, self.month)[1]
+        days: dict[int, list[int]] = {}
+        for day in (range(-7 + shift, shift) if self.week == 5 else
+                    range(7 * self.week - 6 + shift, 7 * self.week + 1 + shift)):
+            if self.week == 5 and day >= 0:
+                month, day = self.month % 12 + 1, day + 1
+            elif self.week == 5:               # counted from the start where the length is fixed: ical.js
+                month = self.month             # loops forever on a negative BYMONTHDAY beside BYDAY
+                day = day if self.month == 2 else length + 1 + day
+            elif 1 <= day <= length:
+                month = self.month
+            elif day <= 0:
+                month, day = (self.month - 2) % 12 + 1, day - 1
+            elif self.month != 2:
+                month, day = self.month % 12 + 1, day - length
+            else:
+                raise ValueError(f"rule date M{self.month}.{self.week}.{self.weekday} at {self.seconds} s")
+            days.setdefault(month, []).append(day)
         weekday = WEEKDAYS[(self.weekday + shift) % 7]
-        # The seven days the named weekday can fall on, moved by the shift: from the month's start, or
-        # (week 5) counted back from its end, where -1 is the last day and 0 the next month's first.
-        days = [day + shift for day in (range(-7, 0) if self.week == 5 else range(7 * self.week - 6, 7 * self.week + 1))]
-        if all(1 <= day <= 28 for day in days) or all(-28 <= day <= -1 for day in days):
-            return f"FREQ=YEARLY;BYMONTH={self.month};BYDAY={weekday};BYMONTHDAY={','.join(map(str, days))}"
-        # Across a month's end: days of the year counted back from 31 December, the same in leap years
-        # for any month after February.
-        after = sum(calendar.monthrange(2001, month)[1] for month in range(self.month + 1, 13))
-        if self.week == 5:
-            year_days = [day - after for day in days]
-        else:
-            year_days = [day - 1 - calendar.monthrange(2001, self.month)[1] - after for day in days]
-        if self.month < 3 or not all(-366 < day < 0 for day in year_days):
-            raise ValueError(f"rule date M{self.month}.{self.week}.{self.weekday} at {self.seconds} s")
-        return f"FREQ=YEARLY;BYYEARDAY={','.join(map(str, year_days))};BYDAY={weekday}"
+        return [(month if len(days) > 1 else None,
+                 f"FREQ=YEARLY;BYMONTH={month};BYDAY={weekday};BYMONTHDAY={','.join(map(str, month_days))}")
+                for month, month_days in days.items()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -847,10 +860,13 @@ class TimeZone:
             rdates = "".join(f"RDATE:{date}\r\n" for date in dates) if len(dates) > 1 else ""
             components.append((group[0].at, _observance(group[0], dates[0], rdates)))
         if self.rule is not None:
-            for change in self._changes[rule_from:rule_from + 2]:
-                recurrence = f"RRULE:{self.rule.date_of(change).recurrence()}\r\n"
-                components.append((change.at, _observance(change, basic_time(change.at + change.offset_from),
-                                                          recurrence)))
+            for kind in self._changes[rule_from:rule_from + 2]:
+                for month, rule in self.rule.date_of(kind).recurrences():
+                    # DTSTART: the rule's first change from here on, in the month this RRULE covers
+                    change = next(change for change in self._changes[rule_from:] if change.dst_to == kind.dst_to
+                                  and (month is None or int(basic_time(change.at + change.offset_from)[4:6]) == month))
+                    components.append((change.at, _observance(change, basic_time(change.at + change.offset_from),
+                                                              f"RRULE:{rule}\r\n")))
         components.sort(key=lambda component: component[0])
         return (f"BEGIN:VTIMEZONE\r\nTZID:{self.name}\r\n" + "".join(text for _, text in components)
                 + "END:VTIMEZONE\r\n")

@@ -5,7 +5,7 @@ way a client does, so the tests can compare what a client would show with what z
 - VTIMEZONE (§3.6.5): each STANDARD/DAYLIGHT sub-component's onsets, from its RRULE (FREQ=YEARLY with
   BYMONTH, BYDAY, BYMONTHDAY, BYYEARDAY) or its RDATEs, else its DTSTART. Like ical.js (Thunderbird), a
   DTSTART does not count beside an RRULE or RDATE and an RDATE is read one value per property, so output
-  that relies on either would give wrong offsets here. The latest onset at or before an instant wins.
+  that relies on either would give wrong offsets here; rule forms ical.js refuses or loops on fail. The latest onset at or before an instant wins.
 - Local times to UTC (§3.3.5): the first of a repeated hour, the offset from before a gap.
 - Event recurrence (§3.3.10) for what the tests write: FREQ=DAILY or WEEKLY with UNTIL or COUNT, EXDATE.
 """
@@ -85,6 +85,10 @@ def _yearly_days(parts, year):
     """The dates a FREQ=YEARLY rule of a VTIMEZONE gives in ``year``."""
     known = {"FREQ", "BYMONTH", "BYDAY", "BYMONTHDAY", "BYYEARDAY"}
     assert set(parts) <= known and parts["FREQ"] == "YEARLY", parts
+    # ical.js (Thunderbird) throws on BYYEARDAY beside another BY part, and loops forever on a negative
+    # BYMONTHDAY beside BYDAY: output a client cannot read is wrong output.
+    assert "BYYEARDAY" not in parts or set(parts) == {"FREQ", "BYYEARDAY"}, parts
+    assert "BYDAY" not in parts or "-" not in parts.get("BYMONTHDAY", ""), parts
     weekday = None
     ordinal = None
     if "BYDAY" in parts:
