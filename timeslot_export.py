@@ -531,18 +531,31 @@ RULE_TABLE_END = (datetime.date(RULE_TABLE_END_YEAR + 1, 1, 1).toordinal() - EPO
 WEEKDAYS = ("SU", "MO", "TU", "WE", "TH", "FR", "SA")            # POSIX numbers them from Sunday = 0
 
 
+@functools.lru_cache(maxsize=16384)
+def _day_number(date: str) -> int:
+    """Days since 1970-01-01 of a date in basic form (20190920); cached, as an export meets few dates."""
+    return datetime.date(int(date[:4]), int(date[4:6]), int(date[6:8])).toordinal() - EPOCH_ORDINAL
+
+
+@functools.lru_cache(maxsize=16384)
+def _day_text(day_number: int) -> str:
+    day = datetime.date.fromordinal(day_number + EPOCH_ORDINAL)
+    return f"{day.year:04d}{day.month:02d}{day.day:02d}"
+
+
+_MINUTE_TEXT = tuple(f"{minute // 60:02d}{minute % 60:02d}" for minute in range(1440))   # "0000" .. "2359"
+FIRST_DAY, LAST_DAY = 1 - EPOCH_ORDINAL, datetime.date.max.toordinal() - EPOCH_ORDINAL
+
+
 def utc_seconds(basic: str) -> int:
     """Seconds since 1970 of a UTC date-time in iCalendar's basic form (20190920T194402Z)."""
-    day = datetime.date(int(basic[:4]), int(basic[4:6]), int(basic[6:8])).toordinal() - EPOCH_ORDINAL
-    return day * 86400 + int(basic[9:11]) * 3600 + int(basic[11:13]) * 60 + int(basic[13:15])
+    return (_day_number(basic[:8]) * 1440 + int(basic[9:11]) * 60 + int(basic[11:13])) * 60 + int(basic[13:15])
 
 
 def basic_time(seconds: int) -> str:
     """Seconds since 1970 (of UTC or of a wall clock) as a date-time in basic form without the Z."""
     days, second = divmod(seconds, 86400)
-    day = datetime.date.fromordinal(days + EPOCH_ORDINAL)
-    return (f"{day.year:04d}{day.month:02d}{day.day:02d}"
-            f"T{second // 3600:02d}{second // 60 % 60:02d}{second % 60:02d}")
+    return f"{_day_text(days)}T{_MINUTE_TEXT[second // 60]}{second % 60:02d}"
 
 
 def _year_of(seconds: int) -> int:
@@ -812,18 +825,37 @@ class TimeZone:
         change = self._last_change(at)
         return self._before[0] if change is None else change.offset_to
 
-    def local_time(self, at: int) -> str | None:
-        """The wall-clock time of a UTC instant in basic form, or None where a local time cannot name it:
-        the second pass of a repeated hour (a local time names the first, RFC 5545 §3.3.5), or a wall
-        clock past 9999-12-31."""
-        change = self._last_change(at)
-        if change is None:
-            local = at + self._before[0]
+    def local_time(self, instant: str) -> str | None:
+        """The wall-clock time of a UTC instant (both in basic form), or None where a local time cannot name
+        it: the second pass of a repeated hour (a local time names the first, RFC 5545 §3.3.5), or a wall
+        clock past 9999-12-31.
+
+        This runs for every zoned DTSTART, DTEND and EXDATE, so it works on the text: with an offset of
+        whole minutes (every zone since the 1970s) the seconds stay as they are, the hours and minutes come
+        from a table, and the date is formatted only when the offset crosses midnight."""
+        day = _day_number(instant[:8])
+        minute = int(instant[9:11]) * 60 + int(instant[11:13])
+        at = (day * 1440 + minute) * 60 + int(instant[13:15])
+        if at < RULE_TABLE_END:                        # _last_change, inlined for the common case
+            index = bisect.bisect_right(self._instants, at) - 1
+            change = self._changes[index] if index >= 0 else None
         else:
-            local = at + change.offset_to
-            if change.offset_from > change.offset_to and at < change.at + change.offset_from - change.offset_to:
+            change = self._last_change(at)
+        if change is None:
+            offset = self._before[0]
+        else:
+            offset = change.offset_to
+            if change.offset_from > offset and at < change.at + change.offset_from - offset:
                 return None
-        return basic_time(local) if FIRST_INSTANT <= local <= LAST_INSTANT else None
+        if offset % 60:
+            local = at + offset
+            return basic_time(local) if FIRST_INSTANT <= local <= LAST_INSTANT else None
+        carry, minute = divmod(minute + offset // 60, 1440)
+        if carry == 0:
+            return f"{instant[:8]}T{_MINUTE_TEXT[minute]}{instant[13:15]}"
+        if not FIRST_DAY <= day + carry <= LAST_DAY:
+            return None
+        return f"{_day_text(day + carry)}T{_MINUTE_TEXT[minute]}{instant[13:15]}"
 
     def utc_of_local(self, local: int) -> int:
         """The UTC instant a wall-clock time names (RFC 5545 §3.3.5): the first of a repeated hour, and in
@@ -1223,7 +1255,7 @@ def _date_time(name: str, instant: str, zone: TimeZone | None) -> tuple[str, Tim
     (``NAME:<instant>``, zone None) without a zone or where no local time names the instant (the second
     pass of a repeated hour, §3.3.5), so a client always reads the stored instant."""
     if zone is not None:
-        local = zone.local_time(utc_seconds(instant))
+        local = zone.local_time(instant)
         if local is not None:
             return f"{name};TZID={zone.name}:{local}\r\n", zone
     return f"{name}:{instant}\r\n", None
@@ -1237,7 +1269,7 @@ def _exdate(occurrences: str, all_day: bool, zone: TimeZone | None) -> str:
         values = sorted({instant[:8] for instant in instants})
         name = "EXDATE;VALUE=DATE"
     elif zone is not None:
-        values = [local for local in map(zone.local_time, map(utc_seconds, instants)) if local is not None]
+        values = [local for local in map(zone.local_time, instants) if local is not None]
         name = f"EXDATE;TZID={zone.name}"
     else:
         values, name = instants, "EXDATE"

@@ -475,3 +475,48 @@ def test_a_damaged_zone_file_leaves_its_slots_in_utc(client, data, tmp_path, cap
         timeslot_export._zones.clear()
     assert calendar.find("VEVENT")[0].one("DTSTART") == ({}, "20261201T080000Z")
     assert any("Test/Damaged" in record.getMessage() for record in caplog.records)
+
+
+def test_any_instant_written_in_a_zone_reads_back_as_the_stored_instant(client, data):
+    """Seeded instants from 1850 to 2100, local mean times with odd seconds (Amsterdam's +00:19:32) and
+    date lines included: each DTSTART reads back as the stored instant, and it is written in UTC exactly
+    when zoneinfo says the instant is the second pass of a repeated hour."""
+    import random
+    generator = random.Random(8536)
+    user_id, token = data.user()
+    zone_names = ["Europe/Amsterdam", "Asia/Kolkata", "Pacific/Apia", "Australia/Lord_Howe", "Europe/Dublin",
+                  "America/St_Johns", "Pacific/Kiritimati", "America/Adak", "Asia/Kathmandu", "Africa/Monrovia"]
+    stored = {}
+    low, high = rfc5545.seconds(datetime.datetime(1850, 1, 1)), rfc5545.seconds(datetime.datetime(2100, 1, 1))
+    near_changes = {name: [change + delta for change in _changes_of(name) for delta in (-1, 0, 1, 1799, 3599, 3600)]
+                    for name in zone_names}
+    for number in range(600):
+        zone_name = zone_names[number % len(zone_names)]
+        at = generator.randrange(low, high) if number % 3 else generator.choice(near_changes[zone_name])
+        _, uid = data.slot(user_id, start_at=stamp(at), time_zone=zone_name)
+        stored[uid] = (zone_name, at)
+    _, calendar = export(client, token)
+    zones = rfc5545.zones(calendar)
+    for event in calendar.find("VEVENT"):
+        zone_name, at = stored[event.value("UID")]
+        parameters, value = event.one("DTSTART")
+        assert rfc5545.instant(parameters, value, zones) == at, (zone_name, stamp(at), value)
+        aware = datetime.datetime.fromtimestamp(at, UTC).astimezone(zoneinfo.ZoneInfo(zone_name))
+        assert ("TZID" not in parameters) == (aware.fold == 1), (zone_name, stamp(at), value)
+
+
+def _changes_of(zone_name):
+    """The instants zoneinfo changes offset at, 1850-2100, found on a 6-hour grid then to the second."""
+    found = []
+    step = 6 * 3600
+    previous = None
+    for at in range(rfc5545.seconds(datetime.datetime(1850, 1, 1)), rfc5545.seconds(datetime.datetime(2100, 1, 1)), step):
+        offset = zoneinfo_offset(zone_name, at)
+        if previous is not None and offset != previous:
+            low, high = at - step, at
+            while high - low > 1:
+                middle = (low + high) // 2
+                low, high = (middle, high) if zoneinfo_offset(zone_name, middle) == previous else (low, middle)
+            found.append(high)
+        previous = offset
+    return found or [rfc5545.seconds(datetime.datetime(2000, 1, 1))]
