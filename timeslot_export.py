@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import queue
+import random
 import re
 import secrets
 import signal
@@ -365,9 +366,10 @@ class Session:
         try:
             while True:
                 batch = cursor.fetchmany(size)
-                if not batch:
+                if batch:
+                    yield batch
+                if len(batch) < size:              # the last batch: no round trip for an empty one
                     return
-                yield batch
         except sqlite3.Error as error:
             raise self._failed(error) from error
         finally:
@@ -1198,7 +1200,12 @@ class CalendarStyle:
     @classmethod
     def of(cls, group: "Group | None", **options) -> "CalendarStyle":
         """The style of a user's calendar: named after its group (unless the name is blank), or "Timeslot"."""
+        if group is None and not options:
+            return DEFAULT_STYLE                   # the seed's request: built once, not per request
         return cls(name=group.name if group and is_written(group.name) else "Timeslot", **options)
+
+
+DEFAULT_STYLE = CalendarStyle()
 
 
 @functools.lru_cache(maxsize=256)
@@ -1227,8 +1234,10 @@ class CalendarZones:
     fingerprint: str = ""
 
     @classmethod
-    def of(cls, starts: Iterable[tuple[str, str]]) -> "CalendarZones":
+    def of(cls, starts: Sequence[tuple[str, str]]) -> "CalendarZones":
         """From (zone name, earliest start) pairs ordered by name, as Session.time_zone_starts gives them."""
+        if not starts:
+            return NO_ZONES
         by_name: dict[str, TimeZone] = {}
         components, fingerprint = [], []
         for name, earliest in starts:
@@ -1398,6 +1407,13 @@ def _environ_key(name: str) -> str:
     return key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key
 
 
+def fresh_request_id() -> str:
+    """A random (version 4) UUID as text, for a request that brought no usable X-Request-Id. It only has to
+    be unique, not secret: formatting random bits takes a third of uuid.uuid4()'s time."""
+    digits = f"{random.getrandbits(128) & ~(0xF000 << 64 | 0xC << 60) | 0x4000 << 64 | 0x8 << 60:032x}"
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
 class Request:
     """The parts of a WSGI environ the service uses, parsed once; ``environ`` itself is untrusted."""
 
@@ -1406,7 +1422,7 @@ class Request:
         self.method = environ.get("REQUEST_METHOD", "GET")   # methods are case-sensitive (RFC 9110 §9.1)
         self.path = environ.get("PATH_INFO", "") or "/"
         supplied_id = environ.get("HTTP_X_REQUEST_ID", "")
-        self.id = supplied_id if REQUEST_ID_PATTERN.fullmatch(supplied_id) else str(uuidlib.uuid4())
+        self.id = supplied_id if REQUEST_ID_PATTERN.fullmatch(supplied_id) else fresh_request_id()
 
     def header(self, name: str) -> str:
         """A request header by its HTTP name ('' when absent)."""
@@ -1626,7 +1642,7 @@ def _entity_tag(*parts: object) -> str:
 
 
 def calendar_response(app: "ExportApp", request: Request, session: Session, *, user_id: int, version: int,
-                      group: Group | None, style: CalendarStyle, variant: str,
+                      group: Group | None, style: CalendarStyle, variant: str, content_type: str,
                       headers: list[tuple[str, str]]) -> Response:
     """The calendar as a streamed response, or 304 for a matching If-None-Match on GET/HEAD.
 
@@ -1634,9 +1650,8 @@ def calendar_response(app: "ExportApp", request: Request, session: Session, *, u
     reads a slot. The body streams from the cursor; when it fits in PREBUFFER_BYTES it is sent whole with
     a Content-Length (and any database error before the first byte still gets its proper status)."""
     zones = calendar_zones(session, user_id, group)
-    content_type = next(value for name, value in headers if name == "Content-Type")
     etag = _entity_tag(user_id, version, group.uuid if group else "", variant, content_type, zones.fingerprint)
-    headers += [("Cache-Control", "private"), ("ETag", etag)]
+    headers = [("Content-Type", content_type), *headers, ("Cache-Control", "private"), ("ETag", etag)]
     if request.method in ("GET", "HEAD") and etag_matches(request.header("If-None-Match"), etag):
         return Response(HTTPStatus.NOT_MODIFIED, headers, close=session.close)
     chunks = export_calendar(session, user_id, group, style, zones)
@@ -1674,11 +1689,11 @@ def handle_export(app: "ExportApp", request: Request) -> Response:
                 raise HTTPError(HTTPStatus.NOT_FOUND, "group not found")
         download = not accepts(request.header("Accept"), "text/calendar")
         filename = f"{group.uuid}.ical" if group else "Timeslot-Export.ical"
-        headers = [("Content-Type", DOWNLOAD_TYPE if download else CALENDAR_TYPE),
-                   ("Content-Disposition", f'attachment; filename="{filename}"'),
+        headers = [("Content-Disposition", f'attachment; filename="{filename}"'),
                    ("Content-Transfer-Encoding", "binary"), ("Vary", "Accept, Accept-Encoding, Origin")]
         return calendar_response(app, request, session, user_id=user_id, version=version, group=group,
-                                 style=CalendarStyle.of(group), variant="export", headers=headers)
+                                 style=CalendarStyle.of(group), variant="export",
+                                 content_type=DOWNLOAD_TYPE if download else CALENDAR_TYPE, headers=headers)
     except BaseException:
         session.close()
         raise
@@ -1703,9 +1718,9 @@ def handle_feed(app: "ExportApp", request: Request, secret: str) -> Response:
         style = CalendarStyle.of(group, refresh_minutes=app.config.refresh_minutes, busy=feed.busy,
                                  alarms=feed.alarms and not feed.busy)
         variant = f"feed {feed.id} {style.refresh_minutes} {style.busy} {style.alarms}"
-        headers = [("Content-Type", CALENDAR_TYPE), ("Vary", "Accept-Encoding, Origin")]
         return calendar_response(app, request, session, user_id=feed.user_id, version=feed.version, group=group,
-                                 style=style, variant=variant, headers=headers)
+                                 style=style, variant=variant, content_type=CALENDAR_TYPE,
+                                 headers=[("Vary", "Accept-Encoding, Origin")])
     except BaseException:
         session.close()
         raise
@@ -1755,6 +1770,7 @@ CONTENT_HEADERS = frozenset({"Content-Type", "Content-Length", "Content-Disposit
 SECURITY_HEADERS = [("X-Frame-Options", "SAMEORIGIN"), ("X-Content-Type-Options", "nosniff"),
                     ("X-XSS-Protection", "1; mode=block")]
 CORS_EXPOSED = "Content-Disposition, ETag, X-Request-Id"
+STATUS_LINES = {status: f"{status.value} {status.phrase}" for status in HTTPStatus}   # enum lookups are slow
 
 
 class _Body:
@@ -1785,9 +1801,10 @@ class _Body:
             if self._response.close is not None:
                 self._response.close()
             request = self._request
-            logger.info("%s %s %d %dB %.6fs id=%s%s", _printable(request.method), _loggable(request.path),
-                        self._response.status, self._sent, time.perf_counter() - self._started, request.id,
-                        " aborted" if self._failed else "")
+            if logger.isEnabledFor(logging.INFO):     # the arguments cost more than a disabled call
+                logger.info("%s %s %d %dB %.6fs id=%s%s", _printable(request.method), _loggable(request.path),
+                            self._response.status, self._sent, time.perf_counter() - self._started, request.id,
+                            " aborted" if self._failed else "")
 
 
 class ExportApp:
@@ -1833,7 +1850,7 @@ class ExportApp:
         if origin and origin in self.config.cors_origins:
             headers += [("Access-Control-Allow-Origin", origin), ("Access-Control-Expose-Headers", CORS_EXPOSED)]
         headers.append(("X-Runtime", f"{time.perf_counter() - started:.6f}"))
-        start_response(f"{status.value} {status.phrase}", headers)
+        start_response(STATUS_LINES[status], headers)
         body = response.body if request.method != "HEAD" else ()
         if request.method == "HEAD" and hasattr(response.body, "close"):
             response.body.close()

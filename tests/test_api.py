@@ -446,3 +446,10 @@ def test_application_opens_the_database_read_only(client, alice, db_path):
             session._run("INSERT INTO locations (name) VALUES ('x')")
     finally:
         session.close()
+
+
+def test_fresh_request_ids_are_distinct_version_4_uuids():
+    ids = [timeslot_export.fresh_request_id() for _ in range(5000)]
+    assert len(set(ids)) == len(ids)
+    pattern = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+    assert all(pattern.fullmatch(value) for value in ids)
