@@ -167,8 +167,8 @@ SQL_DEMO_MEMBERSHIP = "INSERT INTO memberships (group_id, user_id) VALUES (?, ?)
 SQL_DEMO_LOCATION = """
     INSERT INTO locations (name, street, postal_code, city, country, latitude, longitude) VALUES (?, ?, ?, ?, ?, ?, ?)"""
 SQL_DEMO_SLOT = """
-    INSERT INTO slots (uuid, creator_id, title, description, start_at, end_at, all_day, rrule, time_zone, visibility,
-                       location_id, created_at, updated_at, deleted_at)
+    INSERT INTO slots (uuid, creator_id, title, description, start_at, end_at, all_day, rrule, time_zone,
+                       visibility, location_id, created_at, updated_at, deleted_at)
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '2026-11-01T10:00:00Z', '2026-11-20T08:30:00Z', ?)"""
 SQL_DEMO_EXDATE = "INSERT INTO slot_exdates (slot_id, occurrence_at) VALUES (?, ?)"
 SQL_DEMO_ALERT = "INSERT INTO slot_alerts (slot_id, minutes_before) VALUES (?, ?)"
@@ -377,7 +377,8 @@ class Session:
 
     def time_zone_starts(self, user_id: int, group_id: int | None) -> list[tuple[str, str]]:
         """(zone name, earliest start in basic form) of the timed slots an export writes, by name."""
-        return sorted(self._rows(SQL_USER_ZONES if group_id is None else SQL_GROUP_ZONES, {"user": user_id, "group": group_id}))
+        sql = SQL_USER_ZONES if group_id is None else SQL_GROUP_ZONES
+        return sorted(self._rows(sql, {"user": user_id, "group": group_id}))
 
     def schema_current(self) -> bool:
         """Whether the database has the Timeslot tables and columns this version reads (a start-up check)."""
@@ -816,11 +817,11 @@ class TimeZone:
 
     def _last_change(self, at: int) -> Change | None:
         """The latest change at or before the UTC instant ``at`` (None: before the first)."""
-        index = bisect.bisect_right(self._instants, at) - 1
-        if at >= RULE_TABLE_END and self.rule is not None:
+        if at >= RULE_TABLE_END and self.rule is not None:      # past the table: the rule's own changes
             year = _year_of(at)
             changes = self.rule.changes(year - 1) + self.rule.changes(year)
             return changes[bisect.bisect_right([change.at for change in changes], at) - 1]
+        index = bisect.bisect_right(self._instants, at) - 1
         return self._changes[index] if index >= 0 else None
 
     def utc_offset(self, at: int) -> int:
@@ -896,11 +897,11 @@ class TimeZone:
         if self.rule is not None:
             for kind in self._changes[rule_from:rule_from + 2]:
                 for month, rule in self.rule.date_of(kind).recurrences():
-                    # DTSTART: the rule's first change from here on, in the month this RRULE covers
-                    change = next(change for change in self._changes[rule_from:] if change.dst_to == kind.dst_to
-                                  and (month is None or int(basic_time(change.at + change.offset_from)[4:6]) == month))
-                    components.append((change.at, _observance(change, basic_time(change.at + change.offset_from),
-                                                              f"RRULE:{rule}\r\n")))
+                    for change in self._changes[rule_from:]:    # DTSTART: the rule's first change from here
+                        start = basic_time(change.at + change.offset_from)     # on, in the month it covers
+                        if change.dst_to == kind.dst_to and month in (None, int(start[4:6])):
+                            break
+                    components.append((change.at, _observance(change, start, f"RRULE:{rule}\r\n")))
         components.sort(key=lambda component: component[0])
         return (f"BEGIN:VTIMEZONE\r\nTZID:{self.name}\r\n" + "".join(text for _, text in components)
                 + "END:VTIMEZONE\r\n")

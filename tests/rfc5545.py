@@ -5,7 +5,8 @@ way a client does, so the tests can compare what a client would show with what z
 - VTIMEZONE (§3.6.5): each STANDARD/DAYLIGHT sub-component's onsets, from its RRULE (FREQ=YEARLY with
   BYMONTH, BYDAY, BYMONTHDAY, BYYEARDAY) or its RDATEs, else its DTSTART. Like ical.js (Thunderbird), a
   DTSTART does not count beside an RRULE or RDATE and an RDATE is read one value per property, so output
-  that relies on either would give wrong offsets here; rule forms ical.js refuses or loops on fail. The latest onset at or before an instant wins.
+  that relies on either would give wrong offsets here; rule forms ical.js refuses or loops on fail. The
+  latest onset at or before an instant wins.
 - Local times to UTC (§3.3.5): the first of a repeated hour, the offset from before a gap.
 - Event recurrence (§3.3.10) for what the tests write: FREQ=DAILY or WEEKLY with UNTIL or COUNT, EXDATE.
 """

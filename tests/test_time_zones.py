@@ -228,7 +228,8 @@ def test_a_long_exdate_line_is_folded(client, data):
     user_id, token = data.user()
     slot, uid = data.slot(user_id, start_at="2026-01-01T08:00:00Z", time_zone="Europe/Berlin", rrule="FREQ=DAILY")
     for day in range(1, 31):
-        data.run("INSERT INTO slot_exdates (slot_id, occurrence_at) VALUES (?, ?)", (slot, f"2026-01-{day:02d}T08:00:00Z"))
+        data.run("INSERT INTO slot_exdates (slot_id, occurrence_at) VALUES (?, ?)",
+                 (slot, f"2026-01-{day:02d}T08:00:00Z"))
     response, calendar = export(client, token)
     assert all(len(line) <= 75 for line in response.body.split(b"\r\n"))
     assert len(event_by_uid(calendar, uid).one("EXDATE")[1].split(",")) == 30
@@ -510,7 +511,8 @@ def _changes_of(zone_name):
     found = []
     step = 6 * 3600
     previous = None
-    for at in range(rfc5545.seconds(datetime.datetime(1850, 1, 1)), rfc5545.seconds(datetime.datetime(2100, 1, 1)), step):
+    start, end = rfc5545.seconds(datetime.datetime(1850, 1, 1)), rfc5545.seconds(datetime.datetime(2100, 1, 1))
+    for at in range(start, end, step):
         offset = zoneinfo_offset(zone_name, at)
         if previous is not None and offset != previous:
             low, high = at - step, at
