@@ -35,6 +35,7 @@ import random
 import re
 import secrets
 import signal
+import socket
 import sqlite3
 import struct
 import sys
@@ -1446,7 +1447,7 @@ class Request:
         if not length_text:
             if not self._environ.get("wsgi.input_terminated"):
                 return b""          # no length and no terminated stream: no body we may read (PEP 3333)
-            body = stream.read(limit + 1)
+            body = _read_from_client(stream, limit + 1)
             if len(body) > limit:
                 raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body larger than {limit} bytes")
             return body
@@ -1455,10 +1456,22 @@ class Request:
         length = int(length_text)
         if length > limit:
             raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body larger than {limit} bytes")
-        body = stream.read(length) if length else b""
+        body = _read_from_client(stream, length) if length else b""
         if len(body) != length:
             raise HTTPError(HTTPStatus.BAD_REQUEST, "request body shorter than its Content-Length")
         return body
+
+
+def _read_from_client(stream, size: int) -> bytes:
+    """Up to ``size`` bytes of the request body. A client fault is never a server error (SPEC §3): a body
+    that stops arriving past the server's read timeout is 408, a connection reset or a malformed chunked
+    body (gunicorn raises OSError subclasses for those) is 400; neither is logged as a failure."""
+    try:
+        return stream.read(size)
+    except socket.timeout:
+        raise HTTPError(HTTPStatus.REQUEST_TIMEOUT, "request body not received in time") from None
+    except OSError:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "request body could not be read") from None
 
 
 @dataclasses.dataclass
@@ -1732,7 +1745,7 @@ def handle_preflight(app: "ExportApp", request: Request) -> Response:
     headers = [("Allow", ", ".join(EXPORT_METHODS))]
     if request.header("Origin") in app.config.cors_origins:
         headers += [("Access-Control-Allow-Methods", ", ".join(EXPORT_METHODS)),
-                    ("Access-Control-Allow-Headers", "Authorization, Content-Type"),
+                    ("Access-Control-Allow-Headers", "Authorization, Content-Type, If-None-Match, X-Request-Id"),
                     ("Access-Control-Max-Age", "600"), ("Vary", "Origin")]
     return Response(HTTPStatus.NO_CONTENT, headers)
 
@@ -1875,13 +1888,40 @@ def _application_from_environ() -> ExportApp:
     return ExportApp(config)
 
 
-def __getattr__(name: str):
-    """``timeslot_export.application`` is built lazily, so importing the module reads no environment."""
-    if name == "application":
-        app = _application_from_environ()
-        globals()["application"] = app
-        return app
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+class EnvironmentApplication:
+    """The module's ``application``: a real module attribute, because uWSGI and mod_wsgi look the callable up
+    in the module's dictionary, that builds the ExportApp from the TIMESLOT_* variables on its first call,
+    so importing the module reads no environment (mod_wsgi sets it after the import, from a .wsgi file).
+
+    A bad setting cannot stop a WSGI server that imported the module, so each request answers 500
+    ``service misconfigured`` and the log says which setting is wrong, without a traceback, until the
+    server is restarted with a good one."""
+
+    def __init__(self) -> None:
+        self._app: ExportApp | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        app = self._app
+        if app is None:
+            try:
+                app = self.build()
+            except ConfigError as error:
+                logger.critical("configuration error: %s", error)
+                response = json_response(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "service misconfigured"})
+                start_response(STATUS_LINES[response.status], response.headers)
+                return response.body
+        return app(environ, start_response)
+
+    def build(self) -> ExportApp:
+        """The application, built from the environment once (ConfigError for a bad setting)."""
+        with self._lock:
+            if self._app is None:
+                self._app = _application_from_environ()
+            return self._app
+
+
+application = EnvironmentApplication()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -487,3 +487,62 @@ def test_serve_logs_access_lines_at_info_and_not_at_warning(data, db_path):
         errors = server.log.read_text()
         assert (f"POST {EXPORT} 200" in errors) is expected, errors
         assert token not in errors and "S" * 43 not in errors
+
+
+# --- client faults are not server errors (SPEC §3) -----------------------------------------------------------
+
+class FailingInput:
+    """A wsgi.input whose client stalls (the server's read timeout) or resets the connection mid-body."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def read(self, *size):
+        raise self.error
+
+    readline = read
+
+    def readlines(self, *hint):
+        raise self.error
+
+    def __iter__(self):
+        raise self.error
+
+
+@pytest.mark.parametrize("error, status", [(socket.timeout("timed out"), "408 Request Timeout"),
+                                           (ConnectionResetError(104, "Connection reset by peer"), "400 Bad Request"),
+                                           (BrokenPipeError(32, "Broken pipe"), "400 Bad Request")])
+@pytest.mark.parametrize("length", ["100", ""])
+def test_a_body_that_stalls_or_breaks_is_a_client_fault_not_a_500(data, db_path, caplog, error, status, length):
+    _, token = data.user()
+    app = timeslot_export.make_app(str(db_path))
+    with caplog.at_level(logging.INFO, logger="timeslot_export"):
+        answer, headers, body = wsgi_call(app, validate=False, REQUEST_METHOD="POST", CONTENT_LENGTH=length,
+                                          CONTENT_TYPE="application/json", HTTP_AUTHORIZATION=f"Token token={token}",
+                                          **{"wsgi.input": FailingInput(error), "wsgi.input_terminated": True})
+        payload = b"".join(body)
+        body.close()
+    assert answer == status and headers["Content-Type"] == "application/json; charset=utf-8"
+    assert "error" in json.loads(payload) and "request_id" not in json.loads(payload)
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR or record.exc_info]
+    access = [record.getMessage() for record in caplog.records if record.getMessage().startswith("POST ")]
+    assert len(access) == 1 and f" {status[:3]} " in access[0]
+
+
+def test_a_client_resetting_the_connection_mid_body_is_logged_as_400_by_serve(data, db_path):
+    _, token = data.user()
+    with running_server(db_path) as (base, process):
+        port = int(base.rsplit(":", 1)[1])
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+                connection.sendall(f"POST /v1/export/ical HTTP/1.1\r\nHost: x\r\nAuthorization: Token token={token}\r\n"
+                                   "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"gr".encode())
+                time.sleep(0.2)
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        assert fetch(f"{base}{EXPORT}", token)[0] == 200            # and the server goes on
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and process.log.read_text().count(" 400 ") < 3:
+            time.sleep(0.1)
+        log = process.log.read_text()
+    assert log.count("POST /v1/export/ical 400 ") == 3, log
+    assert "Traceback" not in log and " 500 " not in log and "export failed" not in log
