@@ -60,7 +60,8 @@ logger = logging.getLogger("timeslot_export")
 # Constants: limits, content types, SQL
 # ---------------------------------------------------------------------------------------------------
 
-SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema.sql")
+SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema.sql")   # in a checkout
+DISTRIBUTION = "timeslot-export"     # the installed package, whose schema.sql is in share/timeslot-export/
 DEFAULT_DB = "timeslot.sqlite3"
 
 MAX_BODY_BYTES = 64 * 1024          # request bodies larger than this get 413
@@ -494,7 +495,7 @@ def apply_schema(connection: sqlite3.Connection) -> None:
     CREATE statements say IF NOT EXISTS; an ALTER TABLE ... ADD COLUMN (a column added after the first
     release) runs only when the column is missing. The journal mode is set first, outside the transaction
     (SQLite refuses to change it inside one); everything else is one transaction, all or nothing."""
-    with open(SCHEMA_PATH, encoding="utf-8") as schema:
+    with open(schema_path(), encoding="utf-8") as schema:
         statements = list(schema_statements(schema.read()))
     pragmas = [statement for statement in statements if statement.upper().startswith("PRAGMA")]
     for statement in pragmas:
@@ -510,6 +511,20 @@ def apply_schema(connection: sqlite3.Connection) -> None:
     except BaseException:
         connection.execute("ROLLBACK")
         raise
+
+
+def schema_path() -> str:
+    """schema.sql: beside the module in a checkout, else where pip installed it (setup.cfg's data_files,
+    under the environment's share/timeslot-export/), found through the distribution's own file list, so
+    a virtual environment, a --user install and pipx all work from any directory."""
+    if os.path.exists(SCHEMA_PATH):
+        return SCHEMA_PATH
+    import importlib.metadata                    # only for an installed module, and only for initdb and demo
+    try:
+        installed = [file for file in importlib.metadata.files(DISTRIBUTION) or () if file.name == "schema.sql"]
+    except importlib.metadata.PackageNotFoundError:
+        installed = []
+    return str(installed[0].locate()) if installed else SCHEMA_PATH
 
 
 def _has_column(connection: sqlite3.Connection, table: str, column: str) -> bool:
