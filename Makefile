@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 DB ?= demo.sqlite3
 
-.PHONY: run test quick-test bench clean
+DIST ?= dist
+
+.PHONY: run test quick-test bench dist clean
 
 run:  ## create the demo database, print its token and a curl command, serve on 127.0.0.1:8000
 	$(PYTHON) -m timeslot_export demo --db $(DB)
@@ -24,5 +26,12 @@ quick-test: $(VENV)/.installed  ## the tests without the slow ones
 bench:  ## the performance targets of SPEC §7, as ratios measured in one run
 	$(PYTHON) bench.py
 
+dist: $(VENV)/.installed  ## the wheel, the sdist and timeslot-export.pyz (a zipapp, standard library only) in $(DIST)/
+	rm -rf build/pyz && mkdir -p build/pyz $(DIST)
+	$(VENV)/bin/python -m build --outdir $(DIST) .
+	cp timeslot_export.py schema.sql build/pyz/
+	printf 'import sys\nimport timeslot_export\nsys.exit(timeslot_export.main())\n' > build/pyz/__main__.py
+	$(VENV)/bin/python -m zipapp build/pyz --python "/usr/bin/env python3" --output $(DIST)/timeslot-export.pyz
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache bench-data $(DB) $(DB)-wal $(DB)-shm
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache bench-data $(DB) $(DB)-wal $(DB)-shm

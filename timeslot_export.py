@@ -495,8 +495,7 @@ def apply_schema(connection: sqlite3.Connection) -> None:
     CREATE statements say IF NOT EXISTS; an ALTER TABLE ... ADD COLUMN (a column added after the first
     release) runs only when the column is missing. The journal mode is set first, outside the transaction
     (SQLite refuses to change it inside one); everything else is one transaction, all or nothing."""
-    with open(schema_path(), encoding="utf-8") as schema:
-        statements = list(schema_statements(schema.read()))
+    statements = list(schema_statements(schema_text()))
     pragmas = [statement for statement in statements if statement.upper().startswith("PRAGMA")]
     for statement in pragmas:
         connection.execute(statement)
@@ -513,18 +512,24 @@ def apply_schema(connection: sqlite3.Connection) -> None:
         raise
 
 
-def schema_path() -> str:
-    """schema.sql: beside the module in a checkout, else where pip installed it (setup.cfg's data_files,
-    under the environment's share/timeslot-export/), found through the distribution's own file list, so
-    a virtual environment, a --user install and pipx all work from any directory."""
+def schema_text() -> str:
+    """schema.sql: beside the module in a checkout, inside the archive of the zipapp (`make dist`), or where
+    pip installed it (setup.cfg's data_files, under the environment's share/timeslot-export/), found
+    through the distribution's own file list, so a virtual environment, a --user install and pipx all
+    work from any directory."""
     if os.path.exists(SCHEMA_PATH):
-        return SCHEMA_PATH
-    import importlib.metadata                    # only for an installed module, and only for initdb and demo
+        with open(SCHEMA_PATH, encoding="utf-8") as schema:
+            return schema.read()
+    loader = globals().get("__loader__")
+    if hasattr(loader, "archive"):                       # zipimport: the module runs from a .pyz
+        return loader.get_data(SCHEMA_PATH).decode("utf-8")
+    import importlib.metadata                            # only for an installed module, for initdb and demo
     try:
         installed = [file for file in importlib.metadata.files(DISTRIBUTION) or () if file.name == "schema.sql"]
     except importlib.metadata.PackageNotFoundError:
         installed = []
-    return str(installed[0].locate()) if installed else SCHEMA_PATH
+    with open(installed[0].locate() if installed else SCHEMA_PATH, encoding="utf-8") as schema:
+        return schema.read()
 
 
 def _has_column(connection: sqlite3.Connection, table: str, column: str) -> bool:

@@ -5,8 +5,11 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import urllib.error
 import urllib.request
+import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +63,24 @@ def test_the_installed_wheel_runs_every_command_from_any_directory(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=15)
+
+
+@pytest.mark.slow
+def test_make_dist_builds_a_wheel_an_sdist_and_a_standard_library_zipapp(tmp_path):
+    """`python3 timeslot-export.pyz ...` on an appliance: no site-packages (-I -S), from any directory."""
+    dist, elsewhere = tmp_path / "dist", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run(["make", "dist", f"DIST={dist}"], cwd=ROOT)
+    names = sorted(path.name for path in dist.iterdir())
+    assert len(names) == 3 and names[0] == "timeslot-export.pyz" and names[1].endswith(".whl")
+    with tarfile.open(dist / names[2]) as sdist:
+        members = {Path(name).name for name in sdist.getnames()}
+    assert {"timeslot_export.py", "schema.sql", "conftest.py", "rfc5545.py", "schema-1.0.0.sql"} <= members
+    with zipfile.ZipFile(dist / names[1]) as wheel:
+        assert any(name.endswith("data/share/timeslot-export/schema.sql") for name in wheel.namelist())
+    pyz = [sys.executable, "-I", "-S", str(dist / "timeslot-export.pyz")]
+    assert "Database ready" in run([*pyz, "initdb", "--db", "x.sqlite3"], elsewhere)
+    assert "API token" in run([*pyz, "demo", "--db", "x.sqlite3"], elsewhere)
+    assert run([*pyz, "export", "demo", "--db", "x.sqlite3"], elsewhere).count("BEGIN:VEVENT") == 6
+    failed = subprocess.run([*pyz, "export", "nobody", "--db", "x.sqlite3"], cwd=elsewhere, capture_output=True)
+    assert failed.returncode == 1 and failed.stderr == b"timeslot-export: no such user: nobody\n"
