@@ -147,7 +147,8 @@ def test_the_same_answers_under_each_wsgi_server(name, data, db_path):
     user_id, token = data.user()
     group_id, group_uuid = data.group(user_id, name="Work")
     for number in range(900):                           # well past 64 KiB: the body streams
-        data.slot(user_id, title=f"Slot {number} \u00e9\u00e8, with; text", start_at=f"2026-12-01T08:{number % 60:02d}:00Z",
+        data.slot(user_id, title=f"Slot {number} \u00e9\u00e8, with; text",
+                  start_at=f"2026-12-01T08:{number % 60:02d}:00Z",
                   time_zone=("Europe/Berlin", "", "America/New_York")[number % 3],
                   rrule="FREQ=WEEKLY;COUNT=4" if number % 4 == 0 else "", alerts=[10] if number % 5 == 0 else [],
                   groups=[group_id] if number % 20 == 0 else [])        # the group's export is small: sent whole
