@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import calendar
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -34,6 +35,7 @@ import queue
 import random
 import re
 import secrets
+import selectors
 import signal
 import socket
 import sqlite3
@@ -1945,85 +1947,344 @@ application = EnvironmentApplication()
 
 
 # ---------------------------------------------------------------------------------------------------
-# Command line
+# serve: a small HTTP/1.1 server for appliances, from the standard library's pieces
 # ---------------------------------------------------------------------------------------------------
 
-class _QuietHandler(simple_server.WSGIRequestHandler):
-    """wsgiref's handler, logging through ``logging`` with secrets masked (the app writes access lines)."""
+IDLE_TIMEOUT = 15           # seconds a kept-alive connection may wait for its next request
+READ_TIMEOUT = 30           # seconds a request line, its headers or its body may take to arrive (then 408)
+MAX_CONNECTIONS = 1000      # open connections; at the bound the oldest idle ones are closed to make room
+MAX_DRAIN_BYTES = 64 * 1024  # an unread request body up to this size is skipped; a larger one closes
 
-    timeout = 60  # seconds a silent client may hold a worker
+
+class _RequestBody:
+    """``wsgi.input``: at most Content-Length bytes, so an application can never read into the next request
+    on the connection; what it leaves unread is skipped before the next request (``drain``)."""
+
+    def __init__(self, stream, length: int):
+        self._stream, self._left = stream, length
+
+    def read(self, size: int = -1) -> bytes:
+        size = self._left if size is None or size < 0 else min(size, self._left)
+        data = self._stream.read(size) if size else b""
+        self._left -= len(data)
+        if len(data) < size:
+            self._left = 0                      # the client ended the body early: nothing more will come
+        return data
+
+    def readline(self, size: int = -1) -> bytes:
+        size = self._left if size is None or size < 0 else min(size, self._left)
+        data = self._stream.readline(size) if size else b""
+        self._left -= len(data)
+        return data
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        return list(iter(self.readline, b""))
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.readline, b"")
+
+    def drain(self) -> bool:
+        """Skip what the application did not read; False when that is too much to wait for (close instead)."""
+        if self._left > MAX_DRAIN_BYTES:
+            return False
+        try:
+            while self._left:
+                if not self.read(self._left):
+                    return False
+        except OSError:                                       # the read timeout, or a reset
+            return False
+        return True
+
+
+class _ResponseWriter(simple_server.ServerHandler):
+    """wsgiref's handler, speaking HTTP/1.1: a body without Content-Length goes chunked, so a client can tell
+    an export cut short from a complete one; no body at all for HEAD, 1xx, 204 and 304; ``Connection: close``
+    when the connection ends after this response."""
+
+    http_version = "1.1"
+
+    def __init__(self, connection: "_Connection", body: _RequestBody, environ: dict):
+        super().__init__(body, connection.wfile, connection.get_stderr(), environ, multithread=True)
+        self.request_handler = connection
+        self._chunked = self._framing = False
+
+    def _bodiless(self) -> bool:
+        return self.request_handler.command == "HEAD" or self.status[:1] == "1" or self.status[:3] in ("204", "304")
+
+    def cleanup_headers(self) -> None:
+        super().cleanup_headers()                              # Content-Length for a one-piece body
+        if not self._bodiless() and "Content-Length" not in self.headers:
+            if self.request_handler.request_version == "HTTP/1.1":
+                self.headers["Transfer-Encoding"] = "chunked"
+                self._chunked = True
+            else:                                             # an HTTP/1.0 client reads to the close
+                self.request_handler.close_connection = True
+        if self.request_handler.close_connection:
+            self.headers["Connection"] = "close"
+
+    def send_headers(self) -> None:
+        super().send_headers()
+        self._framing = self._chunked
+
+    def _write(self, data: bytes) -> None:
+        if not self._framing:
+            super()._write(data)
+        elif data:                                             # an empty chunk would end the body
+            super()._write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def finish_content(self) -> None:
+        if self._chunked or self._bodiless():                 # wsgiref would add Content-Length: 0
+            if not self.headers_sent:
+                self.send_headers()
+            if self._chunked:
+                self._framing = False
+                super()._write(b"0\r\n\r\n")
+        else:
+            super().finish_content()
+
+    def handle_error(self) -> None:
+        self.request_handler.close_connection = True          # a body cut short: the client sees it end
+        super().handle_error()
+
+    def log_exception(self, exc_info) -> None:
+        logger.debug("response aborted: %s", exc_info[1])     # the app logged it with its request id
+
+
+class _Connection(simple_server.WSGIRequestHandler):
+    """One client connection. The standard library parses each request (http.server's parse_request, with
+    its header limits, Connection and Expect handling) and wsgiref builds the environ and runs the app;
+    this class only frames bodies and answers one request per call, so an idle connection waits in the
+    server's selector, never in a worker."""
+
+    protocol_version = "HTTP/1.1"
+
+    def __init__(self, sock: socket.socket, address: tuple, server: "HTTPServer11"):
+        self.request, self.client_address, self.server = sock, address, server
+        self.timeout = server.read_timeout
+        self.setup()
+        self.close_connection = False
 
     def log_message(self, format: str, *args) -> None:
         logger.debug("http: %s", _loggable(format % args))
 
-    def handle(self) -> None:
-        """wsgiref's handle(), using _ServerHandler: the original names its ServerHandler class directly."""
-        self.raw_requestline = self.rfile.readline(65537)
+    def serve_one(self) -> bool:
+        """Read and answer one request; True when the connection stays open for the next."""
+        self.close_connection = True
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+        except OSError:                                       # a timeout or reset before the request line
+            return False
+        if not self.raw_requestline:
+            return False
         if len(self.raw_requestline) > 65536:
             self.requestline, self.request_version, self.command = "", "", ""
             self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
-            return
-        if not self.parse_request():
-            return
-        handler = _ServerHandler(self.rfile, self.wfile, self.get_stderr(), self.get_environ(),
-                                 multithread=True)
-        handler.request_handler = self
-        handler.run(self.server.get_app())
+            return False
+        if not self.parse_request():                          # answers 400, 414, 431, 505 itself
+            return False
+        length = self._content_length()
+        if length is None:
+            return False
+        body = _RequestBody(self.rfile, length)
+        _ResponseWriter(self, body, self.get_environ()).run(self.server.get_app())
+        if not body.drain():
+            self.close_connection = True
+        return not self.close_connection
+
+    def _content_length(self) -> int | None:
+        """The body's length, or None after answering a request whose framing is refused: chunked uploads
+        (411; no client of this API sends one), or Content-Length that is invalid or given twice (400).
+        Either way the connection closes, so no second request can hide in a body (RFC 9112 §6.3)."""
+        if "Transfer-Encoding" in self.headers:
+            self.send_error(HTTPStatus.LENGTH_REQUIRED, "Transfer-Encoding is not accepted; send Content-Length")
+            return None
+        values = self.headers.get_all("Content-Length") or ["0"]
+        if len(values) != 1 or not re.fullmatch(r"[0-9]{1,18}", values[0].strip()):
+            self.send_error(HTTPStatus.BAD_REQUEST, "invalid Content-Length")
+            return None
+        return int(values[0])
+
+    def has_buffered_request(self) -> bool:
+        """Whether the next (pipelined) request has already arrived, without waiting for one."""
+        self.connection.settimeout(0)
+        try:
+            return bool(self.rfile.peek(1))
+        except OSError:
+            return False
+        finally:
+            self.connection.settimeout(self.timeout)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.finish()
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_WR)
+        self.connection.close()
 
 
-class _ServerHandler(simple_server.ServerHandler):
-    """Errors raised while a body streams go to the log (the app already logged them with the request id)."""
+class HTTPServer11:
+    """`serve`: HTTP/1.1 with persistent connections over a bounded pool of worker threads, each keeping its
+    database connection (a new one costs about 330 µs).
 
-    def log_exception(self, exc_info) -> None:
-        logger.debug("response aborted: %s", exc_info[1])
+    The main thread accepts connections and watches the idle ones with a selector; a connection with a
+    request to read goes to a worker, which answers it (and any pipelined after it) and hands the
+    connection back. So hundreds of idle keep-alive clients hold no worker, a new client is answered at
+    once, an idle connection closes after ``idle_timeout``, and at ``max_connections`` the oldest idle
+    ones close to make room. Shutdown stops accepting, lets the workers finish what they hold, then closes."""
 
+    request_queue_size = 128                          # the listen backlog
 
-class PooledWSGIServer(simple_server.WSGIServer):
-    """wsgiref's server with a bounded pool of worker threads; each keeps its database connection."""
-
-    request_queue_size = 128   # the listen backlog
-    allow_reuse_address = True
-
-    def __init__(self, address: tuple[str, int], threads: int):
-        self._queue: queue.Queue = queue.Queue(maxsize=threads * 4)
-        self._workers: list[threading.Thread] = []   # server_close() runs if binding fails
-        super().__init__(address, _QuietHandler)
-        self._workers = [threading.Thread(target=self._work, name=f"worker-{n}", daemon=True)
-                         for n in range(threads)]
+    def __init__(self, address: tuple[str, int], threads: int, idle_timeout: float = IDLE_TIMEOUT,
+                 read_timeout: float = READ_TIMEOUT, max_connections: int = MAX_CONNECTIONS):
+        self.read_timeout, self._idle_timeout, self._max_connections = read_timeout, idle_timeout, max_connections
+        self._listener = socket.create_server(address, backlog=self.request_queue_size)
+        self._listener.setblocking(False)
+        self.server_address = self._listener.getsockname()
+        self.server_name, self.server_port = socket.getfqdn(address[0]), self.server_address[1]
+        self.base_environ = {"SERVER_NAME": self.server_name, "GATEWAY_INTERFACE": "CGI/1.1",   # wsgiref's
+                             "SERVER_PORT": str(self.server_port), "REMOTE_HOST": "", "CONTENT_LENGTH": "",
+                             "SCRIPT_NAME": ""}
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._selector.register(self._wake_reader, selectors.EVENT_READ)
+        self._idle: dict[_Connection, float] = {}      # waiting in the selector, oldest first
+        self._open: set[_Connection] = set()
+        self._open_lock = threading.Lock()
+        self._ready: queue.Queue = queue.Queue()       # connections with a request, for the workers
+        self._returned: queue.Queue = queue.Queue()    # kept-alive connections, back to the selector
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._app: Callable | None = None
+        self._workers = [threading.Thread(target=self._work, name=f"worker-{n}", daemon=True) for n in range(threads)]
         for worker in self._workers:
             worker.start()
 
-    def process_request(self, request, client_address) -> None:
-        self._queue.put((request, client_address))
+    def set_app(self, app: Callable) -> None:
+        self._app = app
+
+    def get_app(self) -> Callable:
+        return self._app
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        try:
+            while not self._stopping.is_set():
+                for key, _ in self._selector.select(timeout=min(poll_interval, 1.0)):
+                    if key.fileobj is self._listener:
+                        self._accept()
+                    elif key.fileobj is self._wake_reader:
+                        with contextlib.suppress(OSError):
+                            self._wake_reader.recv(4096)
+                    else:
+                        self._selector.unregister(key.fileobj)
+                        self._idle.pop(key.data, None)
+                        self._ready.put(key.data)
+                self._take_back_returned()
+                self._close_idle(older_than=time.monotonic() - self._idle_timeout)
+        finally:
+            self._stopped.set()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, address = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:                      # out of file descriptors, say: try again later
+                logger.warning("accept failed: %s", error)
+                return
+            with self._open_lock:
+                crowded = len(self._open) >= self._max_connections
+            if crowded and self._idle:
+                self._close(next(iter(self._idle)))       # the oldest idle connection makes room
+            elif crowded:
+                sock.close()                              # every connection busy: refuse the newcomer
+                continue
+            try:
+                connection = _Connection(sock, address, self)
+            except OSError:
+                sock.close()
+                continue
+            with self._open_lock:
+                self._open.add(connection)
+            self._wait_for_request(connection)
+
+    def _wait_for_request(self, connection: _Connection) -> None:
+        self._idle[connection] = time.monotonic()
+        self._selector.register(connection.connection, selectors.EVENT_READ, connection)
+
+    def _take_back_returned(self) -> None:
+        while True:
+            try:
+                connection = self._returned.get_nowait()
+            except queue.Empty:
+                return
+            if self._stopping.is_set():
+                self._close(connection)
+            else:
+                self._wait_for_request(connection)
+
+    def _close_idle(self, older_than: float) -> None:
+        for connection, since in list(self._idle.items()):
+            if since >= older_than:
+                break
+            self._close(connection)
+
+    def _close(self, connection: _Connection) -> None:
+        if self._idle.pop(connection, None) is not None:
+            self._selector.unregister(connection.connection)
+        with self._open_lock:
+            self._open.discard(connection)
+        connection.close()
 
     def _work(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
+            connection = self._ready.get()
+            if connection is None:
                 return
-            request, client_address = item
             try:
-                self.finish_request(request, client_address)
+                keep = connection.serve_one()
+                while keep and not self._stopping.is_set() and connection.has_buffered_request():
+                    keep = connection.serve_one()
             except Exception:
-                self.handle_error(request, client_address)
-            finally:
-                self.shutdown_request(request)
+                logger.debug("connection from %s ended with an error", connection.client_address[0], exc_info=True)
+                keep = False
+            if keep and not self._stopping.is_set():
+                self._returned.put(connection)
+                with contextlib.suppress(OSError):
+                    self._wake_writer.send(b"\0")
+            else:
+                with self._open_lock:
+                    self._open.discard(connection)
+                connection.close()
 
-    def handle_error(self, request, client_address) -> None:
-        logger.debug("connection from %s ended with an error", client_address[0], exc_info=True)
+    def shutdown(self) -> None:
+        """Stop serve_forever (from another thread) and wait until it has returned."""
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            self._wake_writer.send(b"\0")
+        self._stopped.wait()
 
     def server_close(self) -> None:
-        """Stop accepting, let the workers finish the requests they have, then close."""
-        super().server_close()
+        """Stop accepting, let the workers finish the requests they have, then close every connection."""
+        self._stopping.set()
+        self._listener.close()
         for _ in self._workers:
-            self._queue.put(None)
+            self._ready.put(None)
         for worker in self._workers:
             worker.join(timeout=30)
+        for connection in list(self._idle):
+            self._close(connection)
+        self._take_back_returned()
+        self._selector.close()
+        self._wake_reader.close()
+        self._wake_writer.close()
 
 
 def serve(app: ExportApp, host: str, port: int, threads: int, ready: Callable[[str], None] = print) -> None:
     """Serve ``app`` until SIGTERM or SIGINT, then finish in-flight requests and return."""
-    server = PooledWSGIServer((host, port), threads)
+    server = HTTPServer11((host, port), threads)
     server.set_app(app)
 
     def stop(signum, frame) -> None:
@@ -2031,7 +2292,7 @@ def serve(app: ExportApp, host: str, port: int, threads: int, ready: Callable[[s
 
     previous = {number: signal.signal(number, stop) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
-        ready(f"Serving {app.database.path} on http://{host}:{server.server_port} ({threads} threads); "
+        ready(f"Serving {app.database.path} on http://{host}:{server.server_port} ({threads} threads, HTTP/1.1); "
               "Ctrl-C stops.")
         server.serve_forever(poll_interval=0.2)
     finally:
@@ -2040,6 +2301,10 @@ def serve(app: ExportApp, host: str, port: int, threads: int, ready: Callable[[s
             signal.signal(number, handler)
         logger.info("server stopped")
 
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------
 
 def export_to(database: Database, username: str, group_uuid: str | None, output) -> None:
     """The CLI export: the same calendar as the HTTP export, written to a binary file object."""

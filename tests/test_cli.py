@@ -292,7 +292,7 @@ def test_serve_uses_a_bounded_pool_whose_threads_keep_their_connections(data, db
     opened = []
     original_open = timeslot_export.Database._open
     monkeypatch.setattr(timeslot_export.Database, "_open", lambda self: opened.append(1) or original_open(self))
-    server = timeslot_export.PooledWSGIServer(("127.0.0.1", 0), threads=3)
+    server = timeslot_export.HTTPServer11(("127.0.0.1", 0), threads=3)
     server.set_app(timeslot_export.make_app(str(db_path)))
     runner = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     runner.start()
