@@ -17,15 +17,19 @@ Exit status 1 when a target is missed. Data is built once, deterministically, un
 """
 
 import hashlib
+import http.client
 import io
 import json
 import os
 import random
 import resource
+import signal
+import socket
 import sqlite3
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -315,12 +319,163 @@ def main() -> int:
             ("1,000,000-slot export, peak memory above idle", bench_memory, huge, 16.0, " MiB"),
             ("64 clients x 20 requests vs serve + a writer: failed", bench_load, large["rich"], 0, " requests")):
         value, detail = run(path)
-        met = value <= target
-        results.append(met)
-        print(f"{'met   ' if met else 'MISSED'} {name}: {value:.2f}{unit} (target <= {target:g}{unit}); {detail}",
-              flush=True)
+        results.append(report(name, value, target, unit, detail))
+    servers = bench_servers(large["rich"])
+    (serve_cpu, serve_p99), (gunicorn_cpu, gunicorn_p99), (hello_cpu, hello_p99) = (
+        servers["serve"], servers["gunicorn"], servers["hello"])
+    figures = (f"serve {serve_cpu:.0f} µs, p99 {serve_p99:.1f} ms; gunicorn gthread 2x4 {gunicorn_cpu:.0f} µs, "
+               f"p99 {gunicorn_p99:.1f} ms; hello world under that gunicorn {hello_cpu:.0f} µs, p99 {hello_p99:.1f} ms")
+    results.append(report("small export under serve, server CPU per request vs gunicorn", serve_cpu / gunicorn_cpu,
+                          1.5, "x", figures))
+    results.append(report("small export under serve, p99 latency vs gunicorn", serve_p99 / gunicorn_p99, 2.0, "x",
+                          "16 keep-alive clients"))
+    results.append(report("small export under gunicorn, server CPU per request vs hello world",
+                          gunicorn_cpu / hello_cpu, 1.5, "x", "the same clients and server"))
     return 0 if all(results) else 1
+
+
+def report(name: str, value: float, target: float, unit: str, detail: str) -> bool:
+    met = value <= target
+    print(f"{'met   ' if met else 'MISSED'} {name}: {value:.2f}{unit} (target <= {target:g}{unit}); {detail}",
+          flush=True)
+    return met
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --- servers: CPU per request and p99 under 16 keep-alive clients (SPEC §7) ------------------------------------
+
+HELLO_APP = '''
+import os
+BODY = open(os.environ["BENCH_HELLO_BODY"], "rb").read()
+HEADERS = [("Content-Type", "application/octet-stream"), ("Content-Length", str(len(BODY)))]
+
+def application(environ, start_response):
+    """A hello-world WSGI app returning the small export's bytes: the floor of any app under a server."""
+    start_response("200 OK", HEADERS)
+    return [BODY]
+'''
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and all its descendants (gunicorn's workers), from /proc."""
+    parents, times = {}, {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry)] = int(fields[1])
+            times[int(entry)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    family, grew = {pid}, True
+    while grew:
+        grew = False
+        for child, parent in parents.items():
+            if parent in family and child not in family:
+                family.add(child)
+                grew = True
+    return sum(times.get(member, 0.0) for member in family)
+
+
+def keep_alive_load(port: int, headers: dict, clients: int = 16, requests: int = 150) -> list[float]:
+    """``clients`` threads, each on one kept-alive connection, ``requests`` POSTs each; the latencies."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    failures = []
+
+    def client():
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        mine = []
+        try:
+            for _ in range(requests):
+                started = time.perf_counter()
+                connection.request("POST", "/v1/export/ical", body=b"", headers=headers)
+                response = connection.getresponse()
+                body = response.read()
+                mine.append(time.perf_counter() - started)
+                if response.status != 200 or not body.endswith(b"END:VCALENDAR\r\n"):
+                    failures.append(response.status)
+        finally:
+            connection.close()
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise SystemExit(f"bench: {len(failures)} failed requests, e.g. {failures[:3]}")
+    return latencies
+
+
+def server_command(kind: str, port: int, env: dict) -> list[str]:
+    bin_dir = os.path.dirname(sys.executable)
+    if kind == "serve":
+        return [sys.executable, "-m", "timeslot_export", "serve", "--db", env["TIMESLOT_DB"], "--port", str(port),
+                "--threads", "16"]
+    app = "bench_hello:application" if kind == "hello" else "timeslot_export:application"
+    return [os.path.join(bin_dir, "gunicorn"), "--worker-class", "gthread", "--workers", "2", "--threads", "4",
+            "--bind", f"127.0.0.1:{port}", "--log-level", "warning", app]
+
+
+def measure_server(kind: str, path: str, headers: dict, hello_dir: str) -> tuple[float, float]:
+    """(server CPU µs per request, p99 latency ms) of one server under the keep-alive load."""
+    port = free_port()
+    env = {**os.environ, "TIMESLOT_DB": path, "TIMESLOT_LOG_LEVEL": "WARNING",
+           "PYTHONPATH": os.pathsep.join([HERE, hello_dir]), "BENCH_HELLO_BODY": os.path.join(hello_dir, "body")}
+    process = subprocess.Popen(server_command(kind, port, env), cwd=HERE, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"bench: {kind} did not start")
+                time.sleep(0.1)
+        keep_alive_load(port, headers, requests=20)                    # warm: connections, imports
+        before = tree_cpu_seconds(process.pid)
+        latencies = keep_alive_load(port, headers)
+        cpu = tree_cpu_seconds(process.pid) - before
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+    latencies.sort()
+    return cpu / len(latencies) * 1e6, latencies[int(len(latencies) * 0.99)] * 1000
+
+
+def bench_servers(path: str) -> dict[str, tuple[float, float]]:
+    """serve, gunicorn (gthread) and a hello-world app under the same gunicorn, each measured three times
+    in turn; the median of each figure."""
+    headers = {"Authorization": f"Token token={token_for('small')}", "Content-Length": "0"}
+    app = timeslot_export.make_app(path)
+    environ = request_environ(token_for("small"))
+    body = []
+    result = app({**environ, "wsgi.input": io.BytesIO(b"")}, lambda s, h, e=None: None)
+    body = b"".join(result)
+    result.close()
+    with tempfile.TemporaryDirectory() as hello_dir:
+        with open(os.path.join(hello_dir, "bench_hello.py"), "w") as module:
+            module.write(HELLO_APP)
+        with open(os.path.join(hello_dir, "body"), "wb") as file:
+            file.write(body)
+        runs: dict[str, list[tuple[float, float]]] = {"serve": [], "gunicorn": [], "hello": []}
+        for _ in range(3):
+            for kind in runs:
+                runs[kind].append(measure_server(kind, path, headers, hello_dir))
+    return {kind: (statistics.median(cpu for cpu, _ in values), statistics.median(p99 for _, p99 in values))
+            for kind, values in runs.items()}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
