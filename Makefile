@@ -23,8 +23,8 @@ test: $(VENV)/.installed  ## every test, load, fault and fuzz tests included
 quick-test: $(VENV)/.installed  ## the tests without the slow ones
 	$(VENV)/bin/python -m pytest -m 'not slow'
 
-bench:  ## the performance targets of SPEC §7, as ratios measured in one run
-	$(PYTHON) bench.py
+bench: $(VENV)/.installed  ## the performance targets of SPEC §7, as ratios measured in one run (gunicorn from the venv)
+	$(VENV)/bin/python bench.py
 
 dist: $(VENV)/.installed  ## the wheel, the sdist and timeslot-export.pyz (a zipapp, standard library only) in $(DIST)/
 	rm -rf build/pyz && mkdir -p build/pyz $(DIST)
