@@ -11,7 +11,7 @@ Routes:
 
 Run it:
     python -m timeslot_export demo --db demo.sqlite3     # a demo database, its token and a curl command
-    python -m timeslot_export serve --db demo.sqlite3    # serve on http://127.0.0.1:8000
+    python -m timeslot_export serve --db demo.sqlite3    # serve HTTP/1.1 on http://127.0.0.1:8000
     gunicorn timeslot_export:application                 # any WSGI server; configured by TIMESLOT_* variables
 
 Configuration (environment, read once): TIMESLOT_DB, TIMESLOT_CORS_ORIGINS, TIMESLOT_REFRESH_MINUTES,
