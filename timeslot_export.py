@@ -2071,6 +2071,13 @@ class _Connection(simple_server.WSGIRequestHandler):
     def log_message(self, format: str, *args) -> None:
         logger.debug("http: %s", _loggable(format % args))
 
+    def handle_expect_100(self) -> bool:
+        """http.server's interim 100 Continue, sent now: the client (curl, for bodies over 1 KiB) waits for
+        it before sending the body, and the buffered writer would otherwise hold it back."""
+        answered = super().handle_expect_100()
+        self.wfile.flush()
+        return answered
+
     def serve_one(self) -> bool:
         """Read and answer one request; True when the connection stays open for the next."""
         self.close_connection = True

@@ -308,3 +308,20 @@ def test_an_unread_body_is_skipped_not_read_as_the_next_request(db_path, small_a
         assert client.response()[0] == 405
         assert client.response()[0] == 200                    # the next request, not the "smuggled" 404
         client.close()
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_sent(db_path, small_and_large):
+    """curl sends `Expect: 100-continue` for larger bodies and waits for the interim answer."""
+    small, _ = small_and_large
+    body = b'{"group": null, "padding": "' + b"x" * 2000 + b'"}'
+    with http11_server(db_path) as port:
+        client = Client(port, timeout=2)
+        client.send(b"POST /v1/export/ical HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    + f"Authorization: Token token={small}\r\nExpect: 100-continue\r\n".encode()
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode())
+        status, _, _, _ = client.response()                    # within the client's 2-second timeout
+        assert status == 100
+        client.send(body)
+        status, _, received, _ = client.response()
+        assert status == 200 and received.endswith(b"END:VCALENDAR\r\n")
+        client.close()
