@@ -125,7 +125,7 @@ SQL_GROUP_SLOTS = "SELECT" + _SLOT_COLUMNS + """
     FROM group_slots gs JOIN slots s ON s.id = gs.slot_id LEFT JOIN locations l ON l.id = s.location_id
     WHERE gs.group_id = ? AND gs.deleted_at IS NULL AND s.creator_id = ? AND s.deleted_at IS NULL
     ORDER BY s.start_at, s.uuid"""
-# The time zones of the timed slots an export writes, each with its earliest start, ordered by name: for a
+# The time zones of the timed slots an export writes, each with its earliest start (Session sorts them): for a
 # user, a hop from zone to zone through the partial index slots_zones (a few index searches per zone, not
 # a pass over the slots); for a group, its links are read once more (they are a fraction of the user's).
 _ZONED = "s.creator_id = :user AND s.deleted_at IS NULL AND s.all_day = 0 AND s.time_zone <> ''"
@@ -1316,16 +1316,17 @@ def write_event(row: tuple, style: CalendarStyle, zones: Mapping[str, TimeZone] 
     This runs once per slot, so each block is one f-string (one allocation) rather than a chain of +."""
     (uid, created, updated, start, end, all_day, rule, visibility, title, description,
      place, street, postal_code, city, country, latitude, longitude, alerts, zone_name, exdates) = row
-    zone = None
+    zone = None                                 # the zone DTSTART is written in; the recurrence follows it
+    slot_zone = zones.get(zone_name)            # None for '' (UTC) and for a zone the database lacks
     if all_day:
         end_date = _next_day((end or start)[:8])   # DTEND is exclusive (§3.6.1): the day after the last
         times = f"DTSTART;VALUE=DATE:{start[:8]}\r\n" + (f"DTEND;VALUE=DATE:{end_date}\r\n" if end_date else "")
-    elif not zone_name or zone_name not in zones:
+    elif slot_zone is None:
         times = f"DTSTART:{start}\r\n" if end is None or end == start else f"DTSTART:{start}\r\nDTEND:{end}\r\n"
     else:
-        times, zone = _date_time("DTSTART", start, zones[zone_name])   # recurrence follows DTSTART's form
+        times, zone = _date_time("DTSTART", start, slot_zone)
         if end is not None and end != start:
-            times += _date_time("DTEND", end, zones[zone_name])[0]
+            times += _date_time("DTEND", end, slot_zone)[0]
     recurrence = ""
     if rule:
         recurrence, problem = format_recurrence(rule, bool(all_day), zone)
