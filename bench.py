@@ -10,6 +10,8 @@ things timed in the same run, interleaved, taking the median of the repetitions:
           time zones, weekly, some occurrences cancelled)
   small   a 5-slot export in process (the whole WSGI request)
           vs. the same SQL statements on an already open connection                     target <= 3x
+  replica the small export on a replica (`serve --replica`, a connection per request) vs the default
+          (a figure for the README, no target)
   memory  a 1,000,000-slot export: peak memory above the idle process                  target <= 16 MiB
   load    64 concurrent clients against `serve` while another process writes slots     no 5xx, all answered
   servers 16 keep-alive clients, the small export: server CPU per request (the server's whole process
@@ -217,6 +219,21 @@ def bench_small(path: str) -> tuple[float, str]:
     return exported / queried, f"request {exported * 1e4:.0f} µs, same SQL {queried * 1e4:.0f} µs"
 
 
+def bench_replica(path: str) -> tuple[float, str]:
+    """The cost of the scale-out recipe (README, "Several instances on several machines"): the small export
+    on a replica (`serve --replica`: a connection opened and closed per request) vs the default (one
+    connection kept per thread)."""
+    kept, replica = timeslot_export.make_app(path), timeslot_export.make_app(path, replica=True)
+    environ = request_environ(token_for("small"))
+
+    def repeated(app):
+        return lambda: [wsgi_export(app, environ) for _ in range(100)]
+
+    repeated(kept)(), repeated(replica)()
+    on_replica, default = interleaved(repeated(replica), repeated(kept), 15)
+    return on_replica / default, f"replica {on_replica * 1e4:.0f} µs, default {default * 1e4:.0f} µs per request"
+
+
 MEMORY_PROBE = """
 import sys, timeslot_export, bench
 app = timeslot_export.make_app(sys.argv[1])
@@ -325,6 +342,9 @@ def main() -> int:
             ("64 clients x 20 requests vs serve + a writer: failed", bench_load, large["rich"], 0, " requests")):
         value, detail = run(path)
         results.append(report(name, value, target, unit, detail))
+    value, detail = bench_replica(large["rich"])
+    print(f"info   5-slot export on a replica (a connection per request) vs the default: {value:.2f}x; {detail}",
+          flush=True)
     servers = bench_servers(large["rich"])
     (serve_cpu, serve_p99), (gunicorn_cpu, gunicorn_p99), (hello_cpu, hello_p99) = (
         servers["serve"], servers["gunicorn"], servers["hello"])
