@@ -487,6 +487,16 @@ class Database:
                 raise DatabaseUnavailable(f"{self.path} has no Timeslot schema, or an older one (run initdb)")
         finally:
             session.close()
+            self.release()
+
+    def release(self) -> None:
+        """Close this thread's idle connection. After the start-up check nothing stays open, so `serve
+        --workers` forks no SQLite connection (a connection must never cross a fork: the child would
+        inherit the parent's lock bookkeeping without its locks)."""
+        idle = getattr(self._idle, "connection", None)
+        self._idle.connection = None
+        if idle is not None:
+            idle[0].close()
 
 
 def connect_for_writing(path: str, create: bool = False) -> sqlite3.Connection:
@@ -2179,9 +2189,14 @@ class HTTPServer11:
     request_queue_size = 128                          # the listen backlog
 
     def __init__(self, address: tuple[str, int], threads: int, idle_timeout: float = IDLE_TIMEOUT,
-                 read_timeout: float = READ_TIMEOUT, max_connections: int = MAX_CONNECTIONS):
+                 read_timeout: float = READ_TIMEOUT, max_connections: int = MAX_CONNECTIONS,
+                 listener: socket.socket | None = None, shared: bool = False):
+        """Listen on ``address``, or on ``listener`` if given. A listener ``shared`` with other worker
+        processes (``serve --workers``) has each wake-up accept one connection, so that connections spread
+        over the workers instead of all going to whichever woke first."""
         self.read_timeout, self._idle_timeout, self._max_connections = read_timeout, idle_timeout, max_connections
-        self._listener = socket.create_server(address, backlog=self.request_queue_size)
+        self._shared = shared
+        self._listener = listener or socket.create_server(address, backlog=self.request_queue_size)
         self._listener.setblocking(False)
         self.server_address = self._listener.getsockname()
         self.server_name, self.server_port = socket.getfqdn(address[0]), self.server_address[1]
@@ -2253,6 +2268,8 @@ class HTTPServer11:
             with self._open_lock:
                 self._open.add(connection)
             self._wait_for_request(connection)
+            if self._shared:
+                return
 
     def _wait_for_request(self, connection: _Connection) -> None:
         self._idle[connection] = time.monotonic()
@@ -2326,9 +2343,42 @@ class HTTPServer11:
         self._wake_writer.close()
 
 
-def serve(app: ExportApp, host: str, port: int, threads: int, ready: Callable[[str], None] = print) -> None:
-    """Serve ``app`` until SIGTERM or SIGINT, then finish in-flight requests and return."""
-    server = HTTPServer11((host, port), threads)
+def serve(app: ExportApp, host: str, port: int, threads: int, ready: Callable[[str], None] = print,
+          workers: int = 1) -> None:
+    """Serve ``app`` until SIGTERM or SIGINT, then finish in-flight requests and return.
+
+    With ``workers`` > 1, that many processes forked from this one answer on the port, each with its own
+    ``threads``, and this process only watches them: Python runs one thread at a time per process, so one
+    process uses one core however many threads it has. The bound on open connections is shared out among
+    the workers. A worker that dies is replaced (after a second, when it died at once)."""
+    listeners = _listeners(host, port, workers)
+    shape = f"{threads} threads" if workers == 1 else f"{workers} workers x {threads} threads"
+    line = (f"Serving {app.database.path} on http://{host}:{listeners[0].getsockname()[1]} ({shape}, HTTP/1.1); "
+            "Ctrl-C stops.")
+    if workers == 1:
+        _serve_in_this_process(app, HTTPServer11((host, port), threads, listener=listeners[0]), lambda: ready(line))
+    else:
+        _supervise_workers(app, listeners, threads, workers, lambda: ready(line))
+
+
+def _listeners(host: str, port: int, workers: int) -> list[socket.socket]:
+    """One listening socket per worker on Linux, all bound to the port with SO_REUSEPORT, so the kernel
+    spreads new connections evenly over the workers (measured: with one socket shared by two workers,
+    whichever woke first took 15 of 16 keep-alive clients, and kept them). Elsewhere one socket, shared."""
+    first = socket.create_server((host, port), backlog=HTTPServer11.request_queue_size,
+                                 reuse_port=workers > 1 and _SPREADS_CONNECTIONS)
+    if workers == 1 or not _SPREADS_CONNECTIONS:
+        return [first]
+    port = first.getsockname()[1]                     # the port chosen for port 0
+    return [first] + [socket.create_server((host, port), backlog=HTTPServer11.request_queue_size, reuse_port=True)
+                      for _ in range(workers - 1)]
+
+
+# Linux balances the connections of a port over SO_REUSEPORT sockets; other systems may not.
+_SPREADS_CONNECTIONS = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
+def _serve_in_this_process(app: ExportApp, server: HTTPServer11, on_ready: Callable[[], None]) -> None:
     server.set_app(app)
 
     def stop(signum, frame) -> None:
@@ -2336,11 +2386,80 @@ def serve(app: ExportApp, host: str, port: int, threads: int, ready: Callable[[s
 
     previous = {number: signal.signal(number, stop) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
-        ready(f"Serving {app.database.path} on http://{host}:{server.server_port} ({threads} threads, HTTP/1.1); "
-              "Ctrl-C stops.")
+        on_ready()
         server.serve_forever(poll_interval=0.2)
     finally:
         server.server_close()
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        logger.info("server stopped")
+
+
+def _supervise_workers(app: ExportApp, listeners: list[socket.socket], threads: int, workers: int,
+                       on_ready: Callable[[], None]) -> None:
+    """Fork the workers, pass SIGTERM and SIGINT on to them, replace one that dies, and return once every
+    worker has finished after a stop. Nothing is open on the database yet (see Database.release), and no
+    thread runs here, so each worker starts as clean as a new process. This process keeps every listening
+    socket open, so connections that reach a dead worker's socket wait there for its replacement."""
+    supervisor = os.getpid()
+    children: dict[int, tuple[int, float]] = {}       # pid -> (worker number, when it started)
+    stopping = False
+
+    def start_worker(number: int) -> None:
+        pid = os.fork()
+        if pid == 0:                                  # the worker
+            status = 1
+            try:
+                if not stopping:
+                    own = listeners[number % len(listeners)]
+                    for listener in listeners:
+                        if listener is not own:
+                            listener.close()
+                    server = HTTPServer11(own.getsockname()[:2], threads, listener=own, shared=len(listeners) == 1,
+                                          max_connections=max(1, MAX_CONNECTIONS // workers))
+                    _serve_in_this_process(app, server, lambda: None)
+                status = 0
+            except BaseException:
+                logger.exception("worker %d failed", os.getpid())
+            finally:
+                os._exit(status)
+        children[pid] = (number, time.monotonic())
+
+    def stop(signum, frame) -> None:
+        nonlocal stopping
+        if os.getpid() != supervisor:                 # a worker between fork and its own handlers
+            os._exit(0)
+        stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    previous = {number: signal.signal(number, stop) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for number in range(workers):
+            start_worker(number)
+        on_ready()
+        while children:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            number, started = children.pop(pid, (None, 0.0))
+            if number is None or stopping:
+                continue
+            logger.error("worker %d ended (%s); starting another", pid,
+                         f"signal {-os.waitstatus_to_exitcode(status)}" if os.WIFSIGNALED(status)
+                         else f"exit status {os.waitstatus_to_exitcode(status)}")
+            if time.monotonic() - started < 1:
+                time.sleep(1)                         # no tight loop of workers failing at start
+            if not stopping:
+                start_worker(number)
+    finally:
+        for pid in list(children):                    # only after an error here: leave none behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for listener in listeners:
+            listener.close()
         for number, handler in previous.items():
             signal.signal(number, handler)
         logger.info("server stopped")
@@ -2507,7 +2626,9 @@ def _parser() -> argparse.ArgumentParser:
     serve_command = commands.add_parser("serve", parents=[database], help="serve the WSGI application")
     serve_command.add_argument("--host", default="127.0.0.1")
     serve_command.add_argument("--port", type=int, default=8000)
-    serve_command.add_argument("--threads", type=int, default=16)
+    serve_command.add_argument("--threads", type=int, default=16, help="worker threads (per worker process)")
+    serve_command.add_argument("--workers", type=int, default=1,
+                               help="worker processes sharing the port (default 1; one per core uses every core)")
     serve_command.add_argument("--replica", action="store_true", default=None,
                                help="the database is a replica that a follower (litestream restore -f) updates "
                                     "in place: a connection per request (default: $TIMESLOT_DB_REPLICA)")
@@ -2538,12 +2659,14 @@ def _command(arguments: argparse.Namespace, config: Config, out) -> int:
     if command == "serve":
         if not 0 <= arguments.port <= 65535 or not 1 <= arguments.threads <= 1024:
             raise ConfigError("--port must be 0-65535 (0: any free port) and --threads 1-1024")
+        if not 1 <= arguments.workers <= 64 or (arguments.workers > 1 and not hasattr(os, "fork")):
+            raise ConfigError("--workers must be 1-64 (more than 1 needs fork(), which this system lacks)")
         logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         app = ExportApp(config)
         app.database.check()
         serve(app, arguments.host, arguments.port, arguments.threads,
-              ready=lambda line: print(line, file=out, flush=True))
+              ready=lambda line: print(line, file=out, flush=True), workers=arguments.workers)
         return 0
     if command == "export":
         database = Database(path, config.busy_timeout_ms, config.replica)

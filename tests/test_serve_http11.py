@@ -3,7 +3,11 @@
 connections that idle clients never exhaust, and request framing that cannot smuggle a second request."""
 
 import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -11,6 +15,7 @@ import pytest
 
 import timeslot_export
 from conftest import auth, make_client
+from test_cli import ROOT, cli, free_port, one_line_error
 
 EXPORT = "/v1/export/ical"
 
@@ -325,3 +330,105 @@ def test_expect_100_continue_is_answered_before_the_body_is_sent(db_path, small_
         status, _, received, _ = client.response()
         assert status == 200 and received.endswith(b"END:VCALENDAR\r\n")
         client.close()
+
+
+# --- serve --workers: processes sharing the port ------------------------------------------------------------
+
+def children_of(pid):
+    """The pids whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{entry}/stat") as stat:
+                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+    return sorted(found)
+
+
+def established_on(pid, port):
+    """How many TCP connections to local ``port`` the process ``pid`` holds (from /proc)."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    count = 0
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if int(fields[1].split(":")[1], 16) == port and fields[3] == "01" and fields[9] in inodes:
+                count += 1
+    return count
+
+
+@contextlib.contextmanager
+def serve_with_workers(db_path, workers):
+    port = free_port()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("TIMESLOT_")}
+    environment["PYTHONPATH"] = str(ROOT)
+    server = subprocess.Popen([sys.executable, "-m", "timeslot_export", "serve", "--db", str(db_path), "--port",
+                               str(port), "--threads", "2", "--workers", str(workers)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment)
+    try:
+        assert f"({workers} workers x 2 threads, HTTP/1.1)".encode() in server.stdout.readline()
+        yield server, port
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+        for child in children_of(server.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+
+
+def test_workers_share_the_port_and_the_connections(db_path, small_and_large):
+    small, _ = small_and_large
+    with serve_with_workers(db_path, 2) as (server, port):
+        workers = children_of(server.pid)
+        assert len(workers) == 2
+        clients = [Client(port) for _ in range(16)]
+        try:
+            for client in clients:
+                client.send(request(headers=authorization(small)))
+                status, headers, body, _ = client.response()
+                assert status == 200 and body.count(b"BEGIN:VEVENT") == 3
+            held = [established_on(worker, port) for worker in workers]
+            assert sum(held) == 16 and min(held) >= 1, held       # both workers answer
+            for client in clients:                                 # and keep their connections alive
+                client.send(request(headers=authorization(small)))
+                assert client.response()[0] == 200
+        finally:
+            for client in clients:
+                client.sock.close()
+
+
+def test_a_worker_that_dies_is_replaced_and_sigterm_stops_them_all(db_path, small_and_large):
+    small, _ = small_and_large
+    with serve_with_workers(db_path, 2) as (server, port):
+        first = children_of(server.pid)
+        os.kill(first[0], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while (len(children_of(server.pid)) < 2 or first[0] in children_of(server.pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        now = children_of(server.pid)
+        assert len(now) == 2 and first[0] not in now and first[1] in now
+        for _ in range(8):
+            client = Client(port)
+            client.send(request(headers=authorization(small)))
+            assert client.response()[0] == 200
+            client.sock.close()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=15) == 0
+        assert children_of(server.pid) == []
+        errors = server.stderr.read().decode()
+    assert "Traceback" not in errors
+    assert f"worker {first[0]} ended (signal 9); starting another" in errors
+    assert errors.count("server stopped") == 3                    # each worker, then the supervisor
+
+
+def test_workers_must_be_a_sensible_number(db_path):
+    for value in ("0", "65"):
+        assert "--workers must be 1-64" in one_line_error(cli("serve", "--db", str(db_path), "--workers", value))
