@@ -15,7 +15,7 @@ things timed in the same run, interleaved, taking the median of the repetitions:
   memory  a 1,000,000-slot export: peak memory above the idle process                  target <= 16 MiB
   load    64 concurrent clients against `serve` while another process writes slots     no 5xx, all answered
   servers 16 keep-alive clients, the small export: server CPU per request (the server's whole process
-          tree, from /proc) and p99 latency, `serve` vs gunicorn gthread (2 workers x 4 threads)
+          tree, from /proc) and p99 latency, `serve` vs gunicorn gthread, both 2 workers x 4 threads
                                                                      target <= 1.5x CPU, <= 2x p99
           and gunicorn vs a hello-world app returning the same bytes under it     target <= 1.5x CPU
 
@@ -440,7 +440,7 @@ def server_command(kind: str, port: int, env: dict) -> list[str]:
     bin_dir = os.path.dirname(sys.executable)
     if kind == "serve":
         return [sys.executable, "-m", "timeslot_export", "serve", "--db", env["TIMESLOT_DB"], "--port", str(port),
-                "--threads", "16"]
+                "--workers", "2", "--threads", "4"]                   # the shape of the gunicorn below
     app = "bench_hello:application" if kind == "hello" else "timeslot_export:application"
     return [os.path.join(bin_dir, "gunicorn"), "--worker-class", "gthread", "--workers", "2", "--threads", "4",
             "--bind", f"127.0.0.1:{port}", "--log-level", "warning", app]
