@@ -420,10 +420,9 @@ class Database:
     """Read-only connections to one SQLite file, one kept idle per thread.
 
     A thread reuses its connection (a fresh one costs about 500 µs: the schema parsed, the statements
-    prepared again); a
-    connection is never used by two requests at once. A connection is dropped, and the next request opens
-    a fresh one, when a query on it failed or the file was replaced (another inode), so the service
-    recovers without a restart.
+    prepared again); a connection is never used by two requests at once. A connection is dropped, and the
+    next request opens a fresh one, when a query on it failed or the file was replaced (another inode),
+    so the service recovers without a restart.
 
     On a replica (``replica=True``) every request opens its own connection and closes it at the end. A
     follower such as ``litestream restore -f`` writes changes into the file itself, under SQLite's
