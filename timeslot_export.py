@@ -2361,6 +2361,10 @@ def serve(app: ExportApp, host: str, port: int, threads: int, ready: Callable[[s
         _supervise_workers(app, listeners, threads, workers, lambda: ready(line))
 
 
+# Linux balances the connections of a port over SO_REUSEPORT sockets; other systems may not.
+_SPREADS_CONNECTIONS = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
 def _listeners(host: str, port: int, workers: int) -> list[socket.socket]:
     """One listening socket per worker on Linux, all bound to the port with SO_REUSEPORT, so the kernel
     spreads new connections evenly over the workers (measured: with one socket shared by two workers,
@@ -2372,10 +2376,6 @@ def _listeners(host: str, port: int, workers: int) -> list[socket.socket]:
     port = first.getsockname()[1]                     # the port chosen for port 0
     return [first] + [socket.create_server((host, port), backlog=HTTPServer11.request_queue_size, reuse_port=True)
                       for _ in range(workers - 1)]
-
-
-# Linux balances the connections of a port over SO_REUSEPORT sockets; other systems may not.
-_SPREADS_CONNECTIONS = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 
 def _serve_in_this_process(app: ExportApp, server: HTTPServer11, on_ready: Callable[[], None]) -> None:
