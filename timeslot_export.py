@@ -28,6 +28,7 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -47,6 +48,11 @@ import urllib.parse
 import uuid as uuidlib
 import zlib
 import zoneinfo
+
+try:
+    import fcntl                                      # POSIX; replicas use it on Linux (_FollowerGuard)
+except ImportError:                                   # pragma: no cover (Windows)
+    fcntl = None
 from http import HTTPStatus
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 from wsgiref import simple_server
@@ -399,6 +405,15 @@ class Session:
         sql = SQL_USER_ZONES if group_id is None else SQL_GROUP_ZONES
         return sorted(self._rows(sql, {"user": user_id, "group": group_id}))
 
+    def start_reading(self) -> None:
+        """Take the read lock now (BEGIN defers it to the first read)."""
+        self._one("PRAGMA schema_version", ())
+
+    def discard(self) -> None:
+        """End the transaction and close the connection instead of keeping it."""
+        self._broken = True
+        self.close()
+
     def schema_current(self) -> bool:
         """Whether the database has the Timeslot tables and columns this version reads (a start-up check)."""
         return self._one(SQL_SCHEMA_CURRENT, ())[0] == 1
@@ -416,6 +431,103 @@ class Session:
         self._database.check_in(self._connection, self._identity, reusable=not self._broken)
 
 
+class _FollowerGuard:
+    """Lets a replica keep its connections while no follower can write, and steps aside when one wants to.
+
+    A follower (``litestream restore -f``) writes into the file under SQLite's exclusive lock: a write lock
+    on the pending byte, then on the shared range. While this process holds a read lock of its own on the
+    shared range (the guard), that second step cannot succeed, so the file does not change: a connection
+    opened while the guard is held reads one state, cache included, for as long as the guard stays held.
+    Each hold is an epoch; a connection is kept only within the epoch it was opened in. When a follower
+    takes the pending byte, the guard is released (by the next request, or within WATCH_SECONDS by a
+    watcher thread when none comes), the epoch ends, and its connections are closed instead of reused.
+
+    The guard is an open-file-description lock (Linux 3.15+): SQLite closing one of its own descriptors
+    for the file would drop a classic fcntl lock of this process, never this one. It is only taken when the
+    file is in rollback-journal mode, as Litestream leaves a copy after its first change of page 1; in WAL
+    mode each open connection holds a shared lock of its own, and connections are opened per request."""
+
+    WATCH_SECONDS = 0.05
+    PENDING_BYTE, SHARED_FIRST, SHARED_SIZE = 0x40000000, 0x40000002, 510   # SQLite's lock bytes (os_unix.c)
+    _epochs = itertools.count(1)                      # shared by every guard: no two holds share a number
+
+    def __init__(self, path: str, identity: tuple):
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        status = os.fstat(self._fd)
+        self.identity = (status.st_dev, status.st_ino)
+        self.usable = self.identity == identity       # the path moved to another file between stat and open
+        self._lock = threading.Lock()
+        self._held = False
+        self._epoch = 0
+        self._closed = False
+        self._watcher: threading.Thread | None = None
+
+    def _lock_request(self, command: int, kind: int, start: int, length: int) -> int:
+        """One fcntl lock call on the guard's descriptor; returns the lock type fcntl reports back."""
+        answer = fcntl.fcntl(self._fd, command, struct.pack("hhqqi", kind, os.SEEK_SET, start, length, 0))
+        return struct.unpack("hhqqi", answer)[0]
+
+    def _follower_waiting(self) -> bool:
+        return self._lock_request(fcntl.F_OFD_GETLK, fcntl.F_RDLCK, self.PENDING_BYTE, 1) != fcntl.F_UNLCK
+
+    def _release(self) -> None:
+        if self._held:
+            self._lock_request(fcntl.F_OFD_SETLK, fcntl.F_UNLCK, self.SHARED_FIRST, self.SHARED_SIZE)
+            self._held = False
+
+    def epoch(self) -> int | None:
+        """The epoch a connection may be kept in, taking the guard if it is free; None when no connection
+        may be kept now (a follower waits or writes, the file is in WAL mode, or the guard is closed)."""
+        with self._lock:
+            if self._closed or not self.usable:
+                return None
+            try:
+                return self._epoch_now()
+            except OSError as error:                  # a kernel without OFD locks (before 3.15), say
+                logger.warning("replica: connections are opened per request: %s", error)
+                self.usable = False
+                return None
+
+    def _epoch_now(self) -> int | None:
+        if self._follower_waiting():
+            self._release()
+            return None
+        if not self._held:
+            if os.pread(self._fd, 1, 18) != b"\x01":      # the header's write version: 1 rollback, 2 WAL
+                return None
+            try:
+                self._lock_request(fcntl.F_OFD_SETLK, fcntl.F_RDLCK, self.SHARED_FIRST, self.SHARED_SIZE)
+            except (BlockingIOError, PermissionError):  # the follower holds its exclusive lock: it writes
+                return None
+            self._held = True
+            self._epoch = next(self._epochs)
+            if self._watcher is None:
+                self._watcher = threading.Thread(target=self._watch, name="follower-guard", daemon=True)
+                self._watcher.start()
+        return self._epoch
+
+    def still(self, epoch: int) -> bool:
+        """Whether the guard has been held without a break since ``epoch`` began."""
+        with self._lock:
+            return self._held and self._epoch == epoch and not self._closed
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.WATCH_SECONDS)
+            with self._lock:
+                if self._closed or not self.usable:
+                    return
+                with contextlib.suppress(OSError):
+                    if self._held and self._follower_waiting():
+                        self._release()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._held = False
+            os.close(self._fd)                        # releases the lock with the descriptor
+
+
 class Database:
     """Read-only connections to one SQLite file, one kept idle per thread.
 
@@ -424,20 +536,23 @@ class Database:
     next request opens a fresh one, when a query on it failed or the file was replaced (another inode),
     so the service recovers without a restart.
 
-    On a replica (``replica=True``) every request opens its own connection and closes it at the end. A
-    follower such as ``litestream restore -f`` writes changes into the file itself, under SQLite's
-    exclusive lock, and never through SQLite: it waits until no connection is open (a connection to a file
-    in WAL mode keeps a shared lock for as long as it is open), and a connection kept across its write
-    could answer from pages it cached before. Between requests nothing is open, so the follower's turn
-    comes between two requests; a request that starts while the follower writes waits for it (the busy
-    timeout) and then reads the new state, and a request in progress keeps its snapshot, because the
-    follower waits for it to finish."""
+    On a replica (``replica=True``) a follower such as ``litestream restore -f`` writes changes into the
+    file itself, under SQLite's exclusive lock, never through SQLite. It must get its turn, and no
+    connection may answer from pages it cached before a change. So a connection is kept only while a
+    _FollowerGuard stops the follower from writing (Linux, the file in rollback-journal mode, as a copy is
+    after Litestream's first change of its page 1), and only within the epoch it was opened in; otherwise
+    each request opens a connection and closes it at the end (a connection to a file in WAL mode keeps a
+    shared lock for as long as it is open). Either way a request that starts while the follower writes
+    waits for it (the busy timeout) and then reads the new state, and a request in progress keeps its
+    snapshot: the follower waits for it to finish."""
 
     def __init__(self, path: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS, replica: bool = False):
         self.path = os.path.abspath(path)
         self._uri = "file:" + urllib.parse.quote(self.path) + "?mode=ro"
         self._timeout = busy_timeout_ms / 1000
-        self._reuse = not replica
+        self._replica = replica
+        self._guard: _FollowerGuard | None = None
+        self._guard_lock = threading.Lock()
         self._idle = threading.local()
 
     def _identity(self) -> tuple:
@@ -454,9 +569,29 @@ class Database:
         except sqlite3.Error as error:
             raise _storage_error(error) from error
 
+    def _replica_guard(self, identity: tuple) -> _FollowerGuard | None:
+        """The follower guard of the file at ``identity`` (a new one when the file changed), if any."""
+        if fcntl is None or not hasattr(fcntl, "F_OFD_SETLK"):
+            return None
+        with self._guard_lock:
+            guard = self._guard
+            if guard is None or guard.identity != identity:
+                if guard is not None:
+                    guard.close()
+                try:
+                    guard = self._guard = _FollowerGuard(self.path, identity)
+                except OSError:
+                    guard = self._guard = None
+            return guard
+
     def session(self) -> Session:
         """A read transaction on this thread's connection (or a new one)."""
         identity = self._identity()
+        guard = epoch = None
+        if self._replica:
+            guard = self._replica_guard(identity)
+            epoch = guard.epoch() if guard is not None else None
+            identity = (*identity, epoch)             # kept connections match only within their epoch
         idle = getattr(self._idle, "connection", None)
         self._idle.connection = None
         if idle is not None and idle[1] == identity:
@@ -466,6 +601,20 @@ class Database:
                 idle[0].close()
             connection = self._open()
         try:
+            session = Session(self, connection, identity)
+        except BaseException:
+            connection.close()
+            raise
+        if epoch is not None:
+            session.start_reading()                   # from here on the follower waits for this request
+            if not guard.still(epoch):                # it wrote first: the cache may be older than the file
+                session.discard()
+                return self._fresh_session((*identity[:-1], None))
+        return session
+
+    def _fresh_session(self, identity: tuple) -> Session:
+        connection = self._open()
+        try:
             return Session(self, connection, identity)
         except BaseException:
             connection.close()
@@ -473,8 +622,9 @@ class Database:
 
     def check_in(self, connection: sqlite3.Connection, identity: tuple, reusable: bool) -> None:
         """Keep the connection for this thread's next request, unless it failed, one is kept already or
-        the file is a replica."""
-        if reusable and self._reuse and getattr(self._idle, "connection", None) is None:
+        it belongs to no epoch of a replica's guard."""
+        keep = reusable and not (self._replica and identity[-1] is None)
+        if keep and getattr(self._idle, "connection", None) is None:
             self._idle.connection = (connection, identity)
         else:
             connection.close()
@@ -2631,7 +2781,7 @@ def _parser() -> argparse.ArgumentParser:
                                help="worker processes sharing the port (default 1; one per core uses every core)")
     serve_command.add_argument("--replica", action="store_true", default=None,
                                help="the database is a replica that a follower (litestream restore -f) updates "
-                                    "in place: a connection per request (default: $TIMESLOT_DB_REPLICA)")
+                                    "in place (default: $TIMESLOT_DB_REPLICA)")
     export = commands.add_parser("export", parents=[database], help="write a user's calendar")
     export.add_argument("username")
     export.add_argument("--group", help="uuid of one group")

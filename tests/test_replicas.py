@@ -14,6 +14,7 @@ import http.client
 import os
 import random
 import re
+import select
 import sqlite3
 import statistics
 import subprocess
@@ -246,6 +247,103 @@ def test_a_request_waits_for_the_follower_and_then_reads_its_change(data, db_pat
     assert 0.2 < waited < 5
 
 
+# A follower applying a change the way Litestream does (SQLite's exclusive lock, waiting for it, then the
+# changed pages written straight into the file), here every page of NEXT (argument 2) that differs, except
+# page 1: its change counter stays, as when a change arrives without page 1, so a connection that kept its
+# cache cannot tell the file changed. Prints "locked" once it holds the lock and "applied" at the end.
+FOLLOWER_WRITE = """
+import fcntl, os, struct, sys
+def lock(database, kind, start, length):
+    fcntl.fcntl(database, fcntl.F_SETLKW, struct.pack("hhqqi", kind, 0, start, length, 0))
+with open(sys.argv[1], "r+b") as database, open(sys.argv[2], "rb") as changed:
+    lock(database, fcntl.F_WRLCK, 0x40000000, 1)
+    lock(database, fcntl.F_WRLCK, 0x40000002, 510)
+    print("locked", flush=True)
+    old, new = database.read(), changed.read()
+    size = int.from_bytes(old[16:18], "big")
+    assert len(old) == len(new) and old[:24] == new[:24]
+    for start in range(size, len(new), size):
+        if new[start:start + size] != old[start:start + size]:
+            database.seek(start)
+            database.write(new[start:start + size])
+    database.flush()
+    os.fsync(database.fileno())
+    lock(database, fcntl.F_UNLCK, 0x40000000, 512)
+print("applied", flush=True)
+"""
+
+
+@pytest.fixture
+def replica_copy(data, db_path, tmp_path):
+    """A replica in rollback-journal mode (as Litestream leaves a copy), with one slot titled "Before", and
+    the same file after a writer renamed it "After", for FOLLOWER_WRITE."""
+    user_id, token = data.user()
+    _, slot = data.slot(user_id, title="Before")
+    data.db.execute("PRAGMA journal_mode = DELETE")
+    data.db.close()
+    changed = tmp_path / "changed.sqlite3"
+    changed.write_bytes(db_path.read_bytes())
+    writer = sqlite3.connect(changed, isolation_level=None)
+    writer.execute("UPDATE slots SET title = 'After' WHERE uuid = ?", (slot,))
+    writer.close()
+    return token, changed
+
+
+def apply_change(db_path, changed):
+    """Run FOLLOWER_WRITE; returns how long it waited for its lock (failing after 10 s)."""
+    follower = subprocess.Popen([sys.executable, "-c", FOLLOWER_WRITE, str(db_path), str(changed)],
+                                stdout=subprocess.PIPE)
+    try:
+        started = time.monotonic()
+        ready, _, _ = select.select([follower.stdout], [], [], 10)
+        assert ready, "the follower never got its lock"
+        assert follower.stdout.readline() == b"locked\n"
+        waited = time.monotonic() - started
+        assert follower.stdout.readline() == b"applied\n" and follower.wait(timeout=30) == 0
+        return waited
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+
+
+def test_a_kept_connection_misses_a_change_written_behind_its_back(db_path, replica_copy):
+    """Why a replica cannot simply keep its connections: the follower writes without SQLite, and a
+    connection that kept its cache answers the old data (the hazard the follower guard exists for)."""
+    token, changed = replica_copy
+    app = timeslot_export.make_app(str(db_path))
+    assert b"SUMMARY:Before" in export(app, token)[1]
+    apply_change(db_path, changed)
+    assert b"SUMMARY:Before" in export(app, token)[1]                 # stale: the cache was trusted
+    assert b"SUMMARY:After" in export(timeslot_export.make_app(str(db_path)), token)[1]
+
+
+def test_a_replica_keeps_its_connections_and_still_reads_every_change(db_path, replica_copy, monkeypatch):
+    token, changed = replica_copy
+    opened = []
+    original_open = timeslot_export.Database._open
+    monkeypatch.setattr(timeslot_export.Database, "_open", lambda self: opened.append(1) or original_open(self))
+    app = timeslot_export.make_app(str(db_path), replica=True)
+    for _ in range(20):
+        assert b"SUMMARY:Before" in export(app, token)[1]
+    assert len(opened) == 1                                          # kept, while the guard is held
+    waited = apply_change(db_path, changed)                          # no request comes: the watcher
+    assert waited < 2                                                # lets the follower in
+    for _ in range(5):
+        assert b"SUMMARY:After" in export(app, token)[1]
+    assert len(opened) == 2
+
+
+def test_without_open_file_description_locks_a_replica_opens_a_connection_per_request(db_path, replica_copy,
+                                                                                  monkeypatch):
+    token, changed = replica_copy
+    monkeypatch.setattr(timeslot_export, "fcntl", None)             # as on a system without them
+    app = timeslot_export.make_app(str(db_path), replica=True)
+    assert b"SUMMARY:Before" in export(app, token)[1]
+    assert apply_change(db_path, changed) < 2
+    assert b"SUMMARY:After" in export(app, token)[1]
+
+
 @pytest.mark.parametrize("value, replica", [("1", True), ("yes", True), ("On", True), ("0", False), ("", False),
                                             ("off", False)])
 def test_replica_mode_comes_from_the_environment(value, replica):
@@ -335,6 +433,9 @@ def test_two_replica_instances_follow_the_primary_under_load_and_faults(litestre
         answers = [post_export(port) for port in ports]
         assert all(follower.alive() for follower in followers) and replicate.alive()
         assert os.readlink(copies[0]) != copy_before and not (copies[0].parent / copy_before).exists()
+        # Litestream left both copies in rollback-journal mode, where the instances keep their connections
+        # under the follower guard: the snapshot checks below cover that path, not only a connection per request.
+        assert [copy.read_bytes()[18] for copy in copies] == [1, 1]
 
     # Answers: every request answered 200, no connection error.
     for client in clients:
