@@ -46,6 +46,7 @@ import threading
 import time
 import urllib.parse
 import uuid as uuidlib
+import weakref
 import zlib
 import zoneinfo
 
@@ -453,6 +454,7 @@ class _FollowerGuard:
 
     def __init__(self, path: str, identity: tuple):
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._close_fd = weakref.finalize(self, os.close, self._fd)   # once, by close() or when dropped
         status = os.fstat(self._fd)
         self.identity = (status.st_dev, status.st_ino)
         self.usable = self.identity == identity       # the path moved to another file between stat and open
@@ -460,6 +462,7 @@ class _FollowerGuard:
         self._held = False
         self._epoch = 0
         self._closed = False
+        self._stop_watching = threading.Event()
         self._watcher: threading.Thread | None = None
 
     def _lock_request(self, command: int, kind: int, start: int, length: int) -> int:
@@ -501,8 +504,9 @@ class _FollowerGuard:
                 return None
             self._held = True
             self._epoch = next(self._epochs)
-            if self._watcher is None:
-                self._watcher = threading.Thread(target=self._watch, name="follower-guard", daemon=True)
+            if self._watcher is None:                 # it holds the guard weakly: a dropped guard stops it
+                self._watcher = threading.Thread(target=_FollowerGuard._watch, name="follower-guard", daemon=True,
+                                                 args=(weakref.ref(self), self._stop_watching, self.WATCH_SECONDS))
                 self._watcher.start()
         return self._epoch
 
@@ -511,21 +515,30 @@ class _FollowerGuard:
         with self._lock:
             return self._held and self._epoch == epoch and not self._closed
 
-    def _watch(self) -> None:
-        while True:
-            time.sleep(self.WATCH_SECONDS)
-            with self._lock:
-                if self._closed or not self.usable:
+    @staticmethod
+    def _watch(guard_ref: weakref.ref, stop: threading.Event, interval: float) -> None:
+        """Every ``interval``: release the guard if a follower waits for it (when no request comes to)."""
+        while not stop.wait(interval):
+            guard = guard_ref()
+            if guard is None:
+                return
+            with guard._lock:
+                if guard._closed or not guard.usable:
                     return
                 with contextlib.suppress(OSError):
-                    if self._held and self._follower_waiting():
-                        self._release()
+                    if guard._held and guard._follower_waiting():
+                        guard._release()
+            del guard
 
     def close(self) -> None:
+        """Release the guard and stop its watcher (before ``serve --workers`` forks: no thread may run)."""
         with self._lock:
             self._closed = True
             self._held = False
-            os.close(self._fd)                        # releases the lock with the descriptor
+            self._close_fd()                          # releases the lock with the descriptor
+        self._stop_watching.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join()
 
 
 class Database:
@@ -640,13 +653,18 @@ class Database:
             self.release()
 
     def release(self) -> None:
-        """Close this thread's idle connection. After the start-up check nothing stays open, so `serve
-        --workers` forks no SQLite connection (a connection must never cross a fork: the child would
-        inherit the parent's lock bookkeeping without its locks)."""
+        """Close this thread's idle connection and the follower guard. After the start-up check nothing
+        stays open and no thread runs, so `serve --workers` forks neither: a connection must never cross a
+        fork (the child would inherit the parent's lock bookkeeping without its locks), and a guard's lock
+        belongs to its open file, which a fork would share between the processes."""
         idle = getattr(self._idle, "connection", None)
         self._idle.connection = None
         if idle is not None:
             idle[0].close()
+        with self._guard_lock:
+            if self._guard is not None:
+                self._guard.close()
+                self._guard = None
 
 
 def connect_for_writing(path: str, create: bool = False) -> sqlite3.Connection:

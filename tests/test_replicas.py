@@ -15,6 +15,7 @@ import os
 import random
 import re
 import select
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -30,6 +31,7 @@ import timeslot_export
 from conftest import wsgi_call
 from test_cli import ROOT, cli, one_line_error
 from test_hardening import running_server
+from test_serve_http11 import Client as RawClient, authorization, request, serve_with_workers
 
 LITESTREAM = os.environ.get("TIMESLOT_TEST_LITESTREAM") or str(ROOT / ".tools" / "bin" / "litestream")
 FOLLOW = str(ROOT / "deploy" / "timeslot-follow")
@@ -332,6 +334,30 @@ def test_a_replica_keeps_its_connections_and_still_reads_every_change(db_path, r
     for _ in range(5):
         assert b"SUMMARY:After" in export(app, token)[1]
     assert len(opened) == 2
+
+
+def test_replica_workers_guard_their_connections_each_and_let_the_follower_in(db_path, replica_copy):
+    """serve --workers forks after its start-up check: each worker takes a guard of its own (a guard
+    carried across the fork would share its lock with the parent's)."""
+    token, changed = replica_copy
+
+    def titles(port):
+        answers = []
+        for _ in range(8):                                   # new connections: both workers answer
+            client = RawClient(port)
+            client.send(request(headers=authorization(token)))
+            status, _, body, _ = client.response()
+            client.sock.close()
+            assert status == 200
+            answers.append(re.search(rb"SUMMARY:(\w+)", body).group(1))
+        return set(answers)
+
+    with serve_with_workers(db_path, 2, "--replica") as (server, port):
+        assert titles(port) == {b"Before"}
+        assert apply_change(db_path, changed) < 2
+        assert titles(port) == {b"After"}
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=15) == 0
 
 
 def test_without_open_file_description_locks_a_replica_opens_a_connection_per_request(db_path, replica_copy,

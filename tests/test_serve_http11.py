@@ -365,12 +365,12 @@ def established_on(pid, port):
 
 
 @contextlib.contextmanager
-def serve_with_workers(db_path, workers):
+def serve_with_workers(db_path, workers, *options):
     port = free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith("TIMESLOT_")}
     environment["PYTHONPATH"] = str(ROOT)
     server = subprocess.Popen([sys.executable, "-m", "timeslot_export", "serve", "--db", str(db_path), "--port",
-                               str(port), "--threads", "2", "--workers", str(workers)],
+                               str(port), "--threads", "2", "--workers", str(workers), *options],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment)
     try:
         assert f"({workers} workers x 2 threads, HTTP/1.1)".encode() in server.stdout.readline()
