@@ -454,6 +454,7 @@ class _FollowerGuard:
 
     def __init__(self, path: str, identity: tuple):
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._wal = os.path.realpath(path) + "-wal"    # SQLite keeps it beside the file a link points to
         self._close_fd = weakref.finalize(self, os.close, self._fd)   # once, by close() or when dropped
         status = os.fstat(self._fd)
         self.identity = (status.st_dev, status.st_ino)
@@ -496,7 +497,7 @@ class _FollowerGuard:
             self._release()
             return None
         if not self._held:
-            if os.pread(self._fd, 1, 18) != b"\x01":      # the header's write version: 1 rollback, 2 WAL
+            if not self._rollback_journal_mode():
                 return None
             try:
                 self._lock_request(fcntl.F_OFD_SETLK, fcntl.F_RDLCK, self.SHARED_FIRST, self.SHARED_SIZE)
@@ -509,6 +510,15 @@ class _FollowerGuard:
                                                  args=(weakref.ref(self), self._stop_watching, self.WATCH_SECONDS))
                 self._watcher.start()
         return self._epoch
+
+    def _rollback_journal_mode(self) -> bool:
+        """Whether SQLite opens the file in rollback-journal mode: the header says so (its write version is
+        1; Litestream sets it) and there is no WAL to read (SQLite takes an empty -wal file for none)."""
+        try:
+            wal_size = os.stat(self._wal).st_size
+        except FileNotFoundError:
+            wal_size = 0
+        return os.pread(self._fd, 1, 18) == b"\x01" and wal_size == 0
 
     def still(self, epoch: int) -> bool:
         """Whether the guard has been held without a break since ``epoch`` began."""

@@ -336,6 +336,27 @@ def test_a_replica_keeps_its_connections_and_still_reads_every_change(db_path, r
     assert len(opened) == 2
 
 
+def test_a_replica_with_a_wal_to_read_opens_a_connection_per_request(db_path, replica_copy, tmp_path):
+    """A -wal file that is not empty makes SQLite use WAL mode whatever the header says, and then an open
+    connection holds its own shared lock: the guard is not taken, and nothing stays open."""
+    token, _ = replica_copy
+    writer = sqlite3.connect(db_path, isolation_level=None)
+    writer.execute("PRAGMA journal_mode = WAL")
+    writer.execute("PRAGMA wal_autocheckpoint = 0")
+    writer.execute("UPDATE slots SET title = 'In the WAL'")
+    copy = tmp_path / "copy.sqlite3"                               # the file and its WAL, as they are now
+    header = bytearray(db_path.read_bytes())
+    header[18:20] = b"\x01\x01"                                   # what Litestream writes on a copy
+    copy.write_bytes(bytes(header))
+    Path(f"{copy}-wal").write_bytes(Path(f"{db_path}-wal").read_bytes())
+    writer.close()
+    assert os.path.getsize(f"{copy}-wal") > 0
+    app = timeslot_export.make_app(str(copy), replica=True)
+    status, body = export(app, token)
+    assert status.startswith("200") and b"SUMMARY:In the WAL" in body
+    assert follower_could_write(copy)
+
+
 def test_replica_workers_guard_their_connections_each_and_let_the_follower_in(db_path, replica_copy):
     """serve --workers forks after its start-up check: each worker takes a guard of its own (a guard
     carried across the fork would share its lock with the parent's)."""
