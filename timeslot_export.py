@@ -527,7 +527,7 @@ class _FollowerGuard:
 
     @staticmethod
     def _watch(guard_ref: weakref.ref, stop: threading.Event, interval: float) -> None:
-        """Every ``interval``: release the guard if a follower waits for it (when no request comes to)."""
+        """Every ``interval``: release the guard if a follower waits for it (for when no request comes)."""
         while not stop.wait(interval):
             guard = guard_ref()
             if guard is None:
