@@ -623,20 +623,15 @@ class Database:
             if idle is not None:
                 idle[0].close()
             connection = self._open()
-        try:
-            session = Session(self, connection, identity)
-        except BaseException:
-            connection.close()
-            raise
+        session = self._session_on(connection, identity)
         if epoch is not None:
             session.start_reading()                   # from here on the follower waits for this request
             if not guard.still(epoch):                # it wrote first: the cache may be older than the file
                 session.discard()
-                return self._fresh_session((*identity[:-1], None))
+                return self._session_on(self._open(), (*identity[:-1], None))
         return session
 
-    def _fresh_session(self, identity: tuple) -> Session:
-        connection = self._open()
+    def _session_on(self, connection: sqlite3.Connection, identity: tuple) -> Session:
         try:
             return Session(self, connection, identity)
         except BaseException:
