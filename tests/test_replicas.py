@@ -355,6 +355,26 @@ def test_a_replica_with_a_wal_to_read_opens_a_connection_per_request(db_path, re
     assert follower_could_write(copy)
 
 
+def test_a_change_written_between_the_guard_check_and_the_read_lock_is_not_missed(db_path, replica_copy,
+                                                                                monkeypatch):
+    """The narrow race: a request decides to reuse its connection, then the follower gets in before the
+    request's read lock. The request notices the guard was let go and reads on a fresh connection."""
+    token, changed = replica_copy
+    app = timeslot_export.make_app(str(db_path), replica=True)
+    assert b"SUMMARY:Before" in export(app, token)[1]
+    original = timeslot_export.Session.start_reading
+    raced = []
+
+    def follower_first(session):
+        if not raced:
+            raced.append(apply_change(db_path, changed))   # the watcher lets it in while this request waits
+        original(session)
+
+    monkeypatch.setattr(timeslot_export.Session, "start_reading", follower_first)
+    assert b"SUMMARY:After" in export(app, token)[1]
+    assert raced and raced[0] < 2
+
+
 def test_replica_workers_guard_their_connections_each_and_let_the_follower_in(db_path, replica_copy):
     """serve --workers forks after its start-up check: each worker takes a guard of its own (a guard
     carried across the fork would share its lock with the parent's)."""
