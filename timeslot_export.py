@@ -2551,14 +2551,25 @@ def _listeners(host: str, port: int, workers: int) -> list[socket.socket]:
                       for _ in range(workers - 1)]
 
 
-def _serve_in_this_process(app: ExportApp, server: HTTPServer11, on_ready: Callable[[], None]) -> None:
+def _serve_in_this_process(app: ExportApp, server: HTTPServer11, on_ready: Callable[[], None],
+                           supervisor: int | None = None) -> None:
+    """Serve until SIGTERM or SIGINT; a worker (``supervisor`` is its parent's pid) also stops once its
+    parent is gone, killed without the chance to stop it, so no orphan keeps answering on the port."""
     server.set_app(app)
 
-    def stop(signum, frame) -> None:
+    def stop(signum=None, frame=None) -> None:
         threading.Thread(target=server.shutdown, daemon=True).start()
+
+    def stop_when_orphaned() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(1)
+        logger.error("worker %d: the supervisor %d is gone; stopping", os.getpid(), supervisor)
+        stop()
 
     previous = {number: signal.signal(number, stop) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
+        if supervisor is not None:
+            threading.Thread(target=stop_when_orphaned, name="orphan-watch", daemon=True).start()
         on_ready()
         server.serve_forever(poll_interval=0.2)
     finally:
@@ -2590,7 +2601,7 @@ def _supervise_workers(app: ExportApp, listeners: list[socket.socket], threads: 
                             listener.close()
                     server = HTTPServer11(own.getsockname()[:2], threads, listener=own, shared=len(listeners) == 1,
                                           max_connections=max(1, MAX_CONNECTIONS // workers))
-                    _serve_in_this_process(app, server, lambda: None)
+                    _serve_in_this_process(app, server, lambda: None, supervisor=supervisor)
                 status = 0
             except BaseException:
                 logger.exception("worker %d failed", os.getpid())

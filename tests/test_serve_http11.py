@@ -6,8 +6,6 @@ import contextlib
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -15,7 +13,8 @@ import pytest
 
 import timeslot_export
 from conftest import auth, make_client
-from test_cli import ROOT, cli, free_port, one_line_error
+from test_cli import cli, one_line_error
+from test_hardening import running_server
 
 EXPORT = "/v1/export/ical"
 
@@ -366,22 +365,28 @@ def established_on(pid, port):
 
 @contextlib.contextmanager
 def serve_with_workers(db_path, workers, *options):
-    port = free_port()
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("TIMESLOT_")}
-    environment["PYTHONPATH"] = str(ROOT)
-    server = subprocess.Popen([sys.executable, "-m", "timeslot_export", "serve", "--db", str(db_path), "--port",
-                               str(port), "--threads", "2", "--workers", str(workers), *options],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment)
+    """running_server with ``workers`` processes of 2 threads; yields (process, port). A worker still alive
+    once the supervisor has gone is killed, and fails the test."""
+    started = []
     try:
-        assert f"({workers} workers x 2 threads, HTTP/1.1)".encode() in server.stdout.readline()
-        yield server, port
+        with running_server(db_path, 2, "--workers", str(workers), *options) as (base, server):
+            assert f"({workers} workers x 2 threads, HTTP/1.1)" in server.ready_line
+            started = children_of(server.pid)
+            yield server, int(base.rsplit(":", 1)[1])
     finally:
-        if server.poll() is None:
-            server.kill()
-        server.wait()
-        for child in children_of(server.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGKILL)
+        left = [pid for pid in started if alive(pid)]
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+    assert left == [], "workers outlived the supervisor"
+
+
+def alive(pid):
+    """Whether ``pid`` runs (a zombie no longer does)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_workers_share_the_port_and_the_connections(db_path, small_and_large):
@@ -424,10 +429,22 @@ def test_a_worker_that_dies_is_replaced_and_sigterm_stops_them_all(db_path, smal
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=15) == 0
         assert children_of(server.pid) == []
-        errors = server.stderr.read().decode()
+    errors = server.log.read_text()
     assert "Traceback" not in errors
     assert f"worker {first[0]} ended (signal 9); starting another" in errors
     assert errors.count("server stopped") == 3                    # each worker, then the supervisor
+
+
+def test_workers_stop_when_their_supervisor_is_killed(db_path, small_and_large):
+    with serve_with_workers(db_path, 2) as (server, port):
+        workers = children_of(server.pid)
+        server.kill()                                  # SIGKILL: no chance to stop them itself
+        server.wait()
+        deadline = time.monotonic() + 10
+        while any(alive(worker) for worker in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(worker) for worker in workers)
+    assert "the supervisor" in server.log.read_text() and "is gone; stopping" in server.log.read_text()
 
 
 def test_workers_must_be_a_sensible_number(db_path):
