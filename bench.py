@@ -8,7 +8,7 @@ things timed in the same run, interleaved, taking the median of the repetitions:
           on each of three data mixes (SPEC §7): plain (like the seed), rich (Unicode text to escape and
           fold, locations, alarms, rules, all-day slots) and zoned (rich, with half the slots in five
           time zones, weekly, some occurrences cancelled)
-  small   a 5-slot export in process (the whole WSGI request)
+  small   a 5-slot export in process (the whole WSGI request), on each mix
           vs. the same SQL statements on an already open connection                     target <= 3x
   replica the small export on a replica (`serve --replica`) vs the default, on a copy in rollback-journal
           mode (connections kept under the follower guard) and in WAL mode (a connection per request)
@@ -19,6 +19,8 @@ things timed in the same run, interleaved, taking the median of the repetitions:
           tree, from /proc) and p99 latency, `serve` vs gunicorn gthread, both 2 workers x 4 threads
                                                                      target <= 1.5x CPU, <= 2x p99
           and gunicorn vs a hello-world app returning the same bytes under it     target <= 1.5x CPU
+          and, for the README, the floor of any implementation over sqlite3 under that gunicorn: the
+          export's own SQL statements, then the hello-world answer; with context switches per request
 
 Exit status 1 when a target is missed. Data is built once, deterministically, under bench-data/. `make bench`
 runs it in the project's virtual environment, which has gunicorn (the test extra).
@@ -217,7 +219,8 @@ def bench_small(path: str) -> tuple[float, str]:
 
     export(), sql()
     exported, queried = interleaved(export, sql, 15)
-    return exported / queried, f"request {exported * 1e4:.0f} µs, same SQL {queried * 1e4:.0f} µs"
+    return exported / queried, (f"request {exported * 1e4:.0f} µs ({wsgi_export(app, environ):,} bytes), "
+                                f"same SQL {queried * 1e4:.0f} µs")
 
 
 def bench_replica(path: str) -> tuple[float, str]:
@@ -353,7 +356,8 @@ def main() -> int:
     results = []
     for name, run, path, target, unit in (
             *((f"100,000-slot export vs plain SELECT, {mix} mix", bench_large, large[mix], 3.0, "x") for mix in MIXES),
-            ("5-slot export vs the same SQL on an open connection", bench_small, large["rich"], 3.0, "x"),
+            *((f"5-slot export vs the same SQL on an open connection, {mix} mix", bench_small, large[mix], 3.0, "x")
+              for mix in MIXES),
             ("1,000,000-slot export, peak memory above idle", bench_memory, huge, 16.0, " MiB"),
             ("64 clients x 20 requests vs serve + a writer: failed", bench_load, large["rich"], 0, " requests")):
         value, detail = run(path)
@@ -362,16 +366,24 @@ def main() -> int:
     print(f"info   5-slot export on a replica (serve --replica) vs the default: {value:.2f}x; {detail}",
           flush=True)
     servers = bench_servers(large["rich"])
-    (serve_cpu, serve_p99), (gunicorn_cpu, gunicorn_p99), (hello_cpu, hello_p99) = (
-        servers["serve"], servers["gunicorn"], servers["hello"])
+    (serve_cpu, serve_p99, serve_switches), (gunicorn_cpu, gunicorn_p99, gunicorn_switches) = (
+        servers["serve"], servers["gunicorn"])
+    (floor_cpu, floor_p99, floor_switches), (hello_cpu, hello_p99, hello_switches) = (
+        servers["sql-floor"], servers["hello"])
     figures = (f"serve {serve_cpu:.0f} µs, p99 {serve_p99:.1f} ms; gunicorn gthread 2x4 {gunicorn_cpu:.0f} µs, "
-               f"p99 {gunicorn_p99:.1f} ms; hello world under that gunicorn {hello_cpu:.0f} µs, p99 {hello_p99:.1f} ms")
+               f"p99 {gunicorn_p99:.1f} ms")
     results.append(report("small export under serve, server CPU per request vs gunicorn", serve_cpu / gunicorn_cpu,
                           1.5, "x", figures))
     results.append(report("small export under serve, p99 latency vs gunicorn", serve_p99 / gunicorn_p99, 2.0, "x",
                           "16 keep-alive clients"))
     results.append(report("small export under gunicorn, server CPU per request vs hello world",
-                          gunicorn_cpu / hello_cpu, 1.5, "x", "the same clients and server"))
+                          gunicorn_cpu / hello_cpu, 1.5, "x",
+                          f"gunicorn {gunicorn_cpu:.0f} µs, hello world under that gunicorn {hello_cpu:.0f} µs, "
+                          f"p99 {hello_p99:.1f} ms; the same clients and server"))
+    print(f"info   the export's SQL alone under that gunicorn (its floor over sqlite3) vs hello world: "
+          f"{floor_cpu / hello_cpu:.2f}x ({floor_cpu:.0f} µs, p99 {floor_p99:.1f} ms); context switches per "
+          f"request: hello world {hello_switches:.1f}, SQL alone {floor_switches:.1f}, the export "
+          f"{gunicorn_switches:.1f}, serve {serve_switches:.1f}", flush=True)
     return 0 if all(results) else 1
 
 
@@ -396,9 +408,35 @@ def application(environ, start_response):
     return [BODY]
 '''
 
+# The floor of any implementation of the contract over sqlite3: the small export's own SQL statements, as the
+# service runs them (one connection kept per thread, one read transaction), then the hello-world answer.
+SQL_FLOOR_APP = HELLO_APP + '''
+import sqlite3, threading
+import timeslot_export
 
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and all its descendants (gunicorn's workers), from /proc."""
+DATABASE = "file:" + os.environ["TIMESLOT_DB"] + "?mode=ro"
+connections = threading.local()
+
+def application(environ, start_response):
+    """The export's SQL, nothing else: token lookup, zones and slots in one read transaction."""
+    connection = getattr(connections, "connection", None)
+    if connection is None:
+        connection = connections.connection = sqlite3.connect(DATABASE, uri=True, isolation_level=None)
+    token = environ["HTTP_AUTHORIZATION"].partition("token=")[2]
+    connection.execute("BEGIN")
+    user_id, _ = connection.execute(timeslot_export.SQL_USER_BY_TOKEN,
+                                    (timeslot_export.token_digest(token),)).fetchone()
+    connection.execute(timeslot_export.SQL_USER_ZONES, {"user": user_id}).fetchall()
+    connection.execute(timeslot_export.SQL_USER_SLOTS, (user_id,)).fetchall()
+    connection.execute("ROLLBACK")
+    start_response("200 OK", HEADERS)
+    return [BODY]
+'''
+
+
+def tree_usage(pid: int) -> tuple[float, int]:
+    """User + system CPU seconds and context switches (voluntary or not, of every thread) of a process and
+    all its descendants (gunicorn's workers), from /proc."""
     parents, times = {}, {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -416,7 +454,23 @@ def tree_cpu_seconds(pid: int) -> float:
             if parent in family and child not in family:
                 family.add(child)
                 grew = True
-    return sum(times.get(member, 0.0) for member in family)
+    return sum(times.get(member, 0.0) for member in family), sum(map(context_switches, family))
+
+
+def context_switches(pid: int) -> int:
+    """Context switches of all threads of a process so far (those of a thread or process gone count 0)."""
+    total = 0
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for thread in threads:
+        try:
+            with open(f"/proc/{pid}/task/{thread}/status") as status:
+                total += sum(int(line.split()[1]) for line in status if "ctxt_switches:" in line)
+        except OSError:
+            continue
+    return total
 
 
 def keep_alive_load(port: int, headers: dict, clients: int = 16, requests: int = 150) -> list[float]:
@@ -452,18 +506,22 @@ def keep_alive_load(port: int, headers: dict, clients: int = 16, requests: int =
     return latencies
 
 
+SERVER_KINDS = ("serve", "gunicorn", "sql-floor", "hello")
+GUNICORN_APPS = {"gunicorn": "timeslot_export:application", "sql-floor": "bench_sql_floor:application",
+                 "hello": "bench_hello:application"}
+
+
 def server_command(kind: str, port: int, env: dict) -> list[str]:
     bin_dir = os.path.dirname(sys.executable)
     if kind == "serve":
         return [sys.executable, "-m", "timeslot_export", "serve", "--db", env["TIMESLOT_DB"], "--port", str(port),
                 "--workers", "2", "--threads", "4"]                   # the shape of the gunicorn below
-    app = "bench_hello:application" if kind == "hello" else "timeslot_export:application"
     return [os.path.join(bin_dir, "gunicorn"), "--worker-class", "gthread", "--workers", "2", "--threads", "4",
-            "--bind", f"127.0.0.1:{port}", "--log-level", "warning", app]
+            "--bind", f"127.0.0.1:{port}", "--log-level", "warning", GUNICORN_APPS[kind]]
 
 
-def measure_server(kind: str, path: str, headers: dict, hello_dir: str) -> tuple[float, float]:
-    """(server CPU µs per request, p99 latency ms) of one server under the keep-alive load."""
+def measure_server(kind: str, path: str, headers: dict, hello_dir: str) -> tuple[float, float, float]:
+    """(server CPU µs, p99 latency ms, context switches) per request of one server under the keep-alive load."""
     port = free_port()
     env = {**os.environ, "TIMESLOT_DB": path, "TIMESLOT_LOG_LEVEL": "WARNING",
            "PYTHONPATH": os.pathsep.join([HERE, hello_dir]), "BENCH_HELLO_BODY": os.path.join(hello_dir, "body")}
@@ -480,37 +538,38 @@ def measure_server(kind: str, path: str, headers: dict, hello_dir: str) -> tuple
                     raise SystemExit(f"bench: {kind} did not start")
                 time.sleep(0.1)
         keep_alive_load(port, headers, requests=20)                    # warm: connections, imports
-        before = tree_cpu_seconds(process.pid)
+        cpu_before, switches_before = tree_usage(process.pid)
         latencies = keep_alive_load(port, headers)
-        cpu = tree_cpu_seconds(process.pid) - before
+        cpu_after, switches_after = tree_usage(process.pid)
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
     latencies.sort()
-    return cpu / len(latencies) * 1e6, latencies[int(len(latencies) * 0.99)] * 1000
+    count = len(latencies)
+    return ((cpu_after - cpu_before) / count * 1e6, latencies[int(count * 0.99)] * 1000,
+            (switches_after - switches_before) / count)
 
 
-def bench_servers(path: str) -> dict[str, tuple[float, float]]:
-    """serve, gunicorn (gthread) and a hello-world app under the same gunicorn, each measured three times
-    in turn; the median of each figure."""
+def bench_servers(path: str) -> dict[str, tuple[float, float, float]]:
+    """serve, gunicorn (gthread), the SQL floor and a hello-world app under the same gunicorn, each measured
+    three times in turn; the median of each figure."""
     headers = {"Authorization": f"Token token={token_for('small')}", "Content-Length": "0"}
     app = timeslot_export.make_app(path)
     environ = request_environ(token_for("small"))
-    body = []
     result = app({**environ, "wsgi.input": io.BytesIO(b"")}, lambda s, h, e=None: None)
     body = b"".join(result)
     result.close()
     with tempfile.TemporaryDirectory() as hello_dir:
-        with open(os.path.join(hello_dir, "bench_hello.py"), "w") as module:
-            module.write(HELLO_APP)
+        for module, text in (("bench_hello", HELLO_APP), ("bench_sql_floor", SQL_FLOOR_APP)):
+            with open(os.path.join(hello_dir, f"{module}.py"), "w") as file:
+                file.write(text)
         with open(os.path.join(hello_dir, "body"), "wb") as file:
             file.write(body)
-        runs: dict[str, list[tuple[float, float]]] = {"serve": [], "gunicorn": [], "hello": []}
+        runs: dict[str, list[tuple[float, float, float]]] = {kind: [] for kind in SERVER_KINDS}
         for _ in range(3):
             for kind in runs:
                 runs[kind].append(measure_server(kind, path, headers, hello_dir))
-    return {kind: (statistics.median(cpu for cpu, _ in values), statistics.median(p99 for _, p99 in values))
-            for kind, values in runs.items()}
+    return {kind: tuple(statistics.median(figures) for figures in zip(*values)) for kind, values in runs.items()}
 
 
 def free_port() -> int:
