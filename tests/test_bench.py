@@ -26,8 +26,8 @@ def floor_app(tmp_path, monkeypatch):
 
 def call(application, token):
     statuses = []
-    environ = {**bench.request_environ(token)}
-    return application(environ, lambda status, headers: statuses.append((status, headers))), statuses
+    chunks = application(bench.request_environ(token), lambda status, headers: statuses.append((status, headers)))
+    return chunks, statuses
 
 
 def test_sql_floor_app_answers_the_given_bytes_after_the_exports_sql(floor_app):
