@@ -195,18 +195,20 @@ def bench_large(path: str) -> tuple[float, str]:
                                  f"{selected / count * 1e6:.1f} µs/event")
 
 
+def export_sql(connection: sqlite3.Connection, token: str) -> None:
+    """The SQL statements of a user's export, as the service runs them (one read transaction), nothing else:
+    the "same SQL" of the small export row, and the SQL floor under gunicorn. TypeError for an unknown token."""
+    connection.execute("BEGIN")
+    user_id, _ = connection.execute(timeslot_export.SQL_USER_BY_TOKEN,
+                                    (timeslot_export.token_digest(token),)).fetchone()
+    connection.execute(timeslot_export.SQL_USER_ZONES, {"user": user_id}).fetchall()
+    connection.execute(timeslot_export.SQL_USER_SLOTS, (user_id,)).fetchall()
+    connection.execute("ROLLBACK")
+
+
 def bench_small(path: str) -> tuple[float, str]:
     app = timeslot_export.make_app(path)
     connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
-    digest = hashlib.sha256(token_for("small").encode()).hexdigest()
-
-    def same_sql():
-        connection.execute("BEGIN")
-        user_id, _ = connection.execute(timeslot_export.SQL_USER_BY_TOKEN, (digest,)).fetchone()
-        connection.execute(timeslot_export.SQL_USER_ZONES, {"user": user_id}).fetchall()
-        connection.execute(timeslot_export.SQL_USER_SLOTS, (user_id,)).fetchall()
-        connection.execute("ROLLBACK")
-
     environ = request_environ(token_for("small"))
 
     def export():
@@ -215,7 +217,7 @@ def bench_small(path: str) -> tuple[float, str]:
 
     def sql():
         for _ in range(100):
-            same_sql()
+            export_sql(connection, token_for("small"))
 
     export(), sql()
     exported, queried = interleaved(export, sql, 15)
@@ -412,7 +414,7 @@ def application(environ, start_response):
 # service runs them (one connection kept per thread, one read transaction), then the hello-world answer.
 SQL_FLOOR_APP = HELLO_APP + '''
 import sqlite3, threading
-import timeslot_export
+import bench
 
 DATABASE = "file:" + os.environ["TIMESLOT_DB"] + "?mode=ro"
 connections = threading.local()
@@ -422,13 +424,7 @@ def application(environ, start_response):
     connection = getattr(connections, "connection", None)
     if connection is None:
         connection = connections.connection = sqlite3.connect(DATABASE, uri=True, isolation_level=None)
-    token = environ["HTTP_AUTHORIZATION"].partition("token=")[2]
-    connection.execute("BEGIN")
-    user_id, _ = connection.execute(timeslot_export.SQL_USER_BY_TOKEN,
-                                    (timeslot_export.token_digest(token),)).fetchone()
-    connection.execute(timeslot_export.SQL_USER_ZONES, {"user": user_id}).fetchall()
-    connection.execute(timeslot_export.SQL_USER_SLOTS, (user_id,)).fetchall()
-    connection.execute("ROLLBACK")
+    bench.export_sql(connection, environ["HTTP_AUTHORIZATION"].partition("token=")[2])
     start_response("200 OK", HEADERS)
     return [BODY]
 '''
