@@ -1,6 +1,7 @@
 -- Timeslot export service: the SQLite data contract (SPEC §2).
 --
--- Other systems write this database; the export service only reads it. Every CHECK below rejects, at
+-- Other systems write this database; the export service reads it, and writes only its own `feeds` rows
+-- when a user manages their feeds over HTTP. Every CHECK below rejects, at
 -- insert/update time, a value the exporter could not represent, so bad data fails where it is written
 -- and an export never meets it. Applying this file is idempotent (`timeslot-export initdb`): it creates
 -- what is missing and never drops or rewrites data.
@@ -159,6 +160,16 @@ CREATE TABLE IF NOT EXISTS feeds (
                  CHECK (strftime('%Y-%m-%dT%H:%M:%SZ', julianday(revoked_at)) IS revoked_at
                         AND revoked_at >= '0001')
 );
+
+-- A feed's date window (SPEC §3 "A feed's window"), added in 1.2.0: whole days before and after today's
+-- UTC date, each NULL (no bound on that side, as every feed of an older database is) or 0 to 36600.
+-- The service writes these (feed management over HTTP); the CHECKs hold for every writer.
+ALTER TABLE feeds ADD COLUMN past_days INTEGER
+    CONSTRAINT past_days_is_a_day_count
+    CHECK (past_days IS NULL OR (typeof(past_days) = 'integer' AND past_days BETWEEN 0 AND 36600));
+ALTER TABLE feeds ADD COLUMN future_days INTEGER
+    CONSTRAINT future_days_is_a_day_count
+    CHECK (future_days IS NULL OR (typeof(future_days) = 'integer' AND future_days BETWEEN 0 AND 36600));
 
 -- Indexes: an export is one range scan in (start_at, uuid) order, with no sort and no table scan.
 CREATE INDEX IF NOT EXISTS slots_export ON slots (creator_id, start_at, uuid) WHERE deleted_at IS NULL;

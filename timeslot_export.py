@@ -21,6 +21,7 @@ TIMESLOT_MAX_BODY_BYTES, TIMESLOT_BUSY_TIMEOUT_MS, TIMESLOT_LOG_LEVEL. See READM
 from __future__ import annotations
 
 import argparse
+import base64
 import bisect
 import calendar
 import contextlib
@@ -28,6 +29,7 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import html
 import itertools
 import json
 import logging
@@ -82,15 +84,24 @@ RETRY_AFTER_SECONDS = 2             # what a 503 asks clients to wait
 REFRESH_MINUTES = 60                # how often a feed asks calendar apps to poll
 MAX_REFRESH_MINUTES = 7 * 24 * 60
 GZIP_LEVEL = 6
+MAX_FEEDS = 100                     # active feeds a user may have (TIMESLOT_MAX_FEEDS)
+MAX_LABEL_CHARS = 200               # a feed's label
+MAX_WINDOW_DAYS = 36600             # a feed's past_days and future_days: 0 to about a hundred years
+FEED_SETTINGS = ("label", "details", "alarms", "past_days", "future_days")   # what a PATCH may change
 
 CALENDAR_TYPE = "text/calendar; charset=utf-8"
 DOWNLOAD_TYPE = "application/octet-stream"
 JSON_TYPE = "application/json; charset=utf-8"
-EXPORT_METHODS = ("GET", "HEAD", "POST", "OPTIONS")
+HTML_TYPE = "text/html; charset=utf-8"
 
 UUID_PATTERN = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,255}")
 FEED_SECRET_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,128}")
+# A feed's id in the management API's paths: a positive decimal number (anything else is no feed of anyone's).
+FEED_ID_PATTERN = re.compile(r"[1-9][0-9]{0,17}")
+# TIMESLOT_BASE_URL and feed create --base-url: an absolute http(s) URL, a path allowed, no query or fragment.
+BASE_URL_PATTERN = re.compile(r"https?://[A-Za-z0-9.:\[\]-]+(/[^\s?#]*)?")
+HOST_PATTERN = re.compile(r"[A-Za-z0-9.:\[\]-]{1,255}")
 # Anything in a logged path that looks like a secret (feed secrets are 43 such characters).
 SECRET_IN_PATH = re.compile(r"[A-Za-z0-9_-]{20,}")
 
@@ -152,26 +163,49 @@ SQL_GROUP_ZONES = f"""
     GROUP BY s.time_zone"""
 SQL_FEED_BY_DIGEST = """
     SELECT f.id, f.user_id, f.group_id, f.details, f.alarms, f.revoked_at IS NOT NULL,
-           u.deleted_at IS NOT NULL, coalesce(v.version, -1)
+           u.deleted_at IS NOT NULL, coalesce(v.version, -1), CAST(f.label AS BLOB), f.past_days, f.future_days
     FROM feeds f JOIN users u ON u.id = f.user_id LEFT JOIN export_versions v ON v.user_id = f.user_id
     WHERE f.token_digest = ?"""
 SQL_SCHEMA_CURRENT = """
     SELECT (SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('users', 'slots', 'slot_exdates')) = 3
-       AND EXISTS (SELECT 1 FROM pragma_table_info('slots') WHERE name = 'time_zone')"""
+       AND EXISTS (SELECT 1 FROM pragma_table_info('slots') WHERE name = 'time_zone')
+       AND EXISTS (SELECT 1 FROM pragma_table_info('feeds') WHERE name = 'future_days')"""
 SQL_TABLE_COLUMNS = "SELECT * FROM pragma_table_info(?)"
 
-# Writes, used by the command line only (the web application opens the database read-only).
-SQL_INSERT_USER = "INSERT INTO users (uuid, username, token_digest) VALUES (?, ?, ?)"
-SQL_SET_USER_TOKEN = "UPDATE users SET token_digest = ? WHERE id = ?"
-SQL_USER_ID_BY_NAME = "SELECT id FROM users WHERE username = ? AND deleted_at IS NULL"
+# A user's feeds as the management API shows them (SPEC §3 "Managing feeds"), and as `feed list` prints them.
+_FEED_OBJECT = """
+    SELECT f.id, CAST(f.label AS BLOB), g.uuid, f.details, f.alarms, f.past_days, f.future_days, f.created_at,
+           f.revoked_at
+    FROM feeds f LEFT JOIN slot_groups g ON g.id = f.group_id"""
+SQL_FEEDS_OF_USER = _FEED_OBJECT + " WHERE f.user_id = :user ORDER BY f.id"
+SQL_FEED_OF_USER = _FEED_OBJECT + " WHERE f.user_id = :user AND f.id = :feed"
+
+# Writes. The web application writes only feeds, each change one short transaction on a connection of its
+# own (WriteSession); everything else here is the command line's.
+SQL_ACTIVE_FEEDS = "SELECT count(*) FROM feeds WHERE user_id = ? AND revoked_at IS NULL"
 SQL_INSERT_FEED = """
-    INSERT INTO feeds (user_id, group_id, token_digest, label, details, alarms) VALUES (?, ?, ?, ?, ?, ?)"""
-SQL_LIST_FEEDS = """
-    SELECT f.id, f.label, g.uuid, f.details, f.alarms, f.created_at, f.revoked_at
-    FROM feeds f LEFT JOIN slot_groups g ON g.id = f.group_id WHERE f.user_id = ? ORDER BY f.id"""
+    INSERT INTO feeds (user_id, group_id, token_digest, label, details, alarms, past_days, future_days)
+    VALUES (:user, :group, :digest, :label, :details, :alarms, :past_days, :future_days)"""
+SQL_COPY_FEED = """
+    INSERT INTO feeds (user_id, group_id, token_digest, label, details, alarms, past_days, future_days)
+    SELECT user_id, group_id, :digest, label, details, alarms, past_days, future_days FROM feeds WHERE id = :feed"""
+# A PATCH sets the members it names and keeps the others (a flag per member: None is a value to set).
+SQL_CHANGE_FEED = """
+    UPDATE feeds SET label = CASE WHEN :set_label THEN :label ELSE label END,
+                     details = CASE WHEN :set_details THEN :details ELSE details END,
+                     alarms = CASE WHEN :set_alarms THEN :alarms ELSE alarms END,
+                     past_days = CASE WHEN :set_past_days THEN :past_days ELSE past_days END,
+                     future_days = CASE WHEN :set_future_days THEN :future_days ELSE future_days END
+    WHERE id = :feed AND user_id = :user AND revoked_at IS NULL"""
 SQL_REVOKE_FEED = """
     UPDATE feeds SET revoked_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now') WHERE id = ? AND revoked_at IS NULL"""
 SQL_FEED_EXISTS = "SELECT revoked_at FROM feeds WHERE id = ?"
+SQL_INSERT_USER = "INSERT INTO users (uuid, username, token_digest) VALUES (?, ?, ?)"
+SQL_SET_USER_TOKEN = "UPDATE users SET token_digest = ? WHERE id = ?"
+SQL_USER_ID_BY_NAME = "SELECT id FROM users WHERE username = ? AND deleted_at IS NULL"
+SQL_REVOKE_DEMO_FEEDS = """
+    UPDATE feeds SET revoked_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')
+    WHERE user_id = ? AND label = 'Demo' AND revoked_at IS NULL"""
 SQL_DEMO_USER = "INSERT OR IGNORE INTO users (uuid, username, token_digest) VALUES (?, ?, ?)"
 SQL_DEMO_GROUP = "INSERT INTO slot_groups (uuid, name, owner_id) VALUES (?, ?, ?)"
 SQL_DEMO_MEMBERSHIP = "INSERT INTO memberships (group_id, user_id) VALUES (?, ?)"
@@ -204,6 +238,11 @@ class DatabaseUnavailable(Exception):
     """The database is missing, unreadable, corrupt or locked past the busy timeout (503)."""
 
 
+class DatabaseReadOnly(Exception):
+    """The database cannot be written here (a read-only file or directory, or a replica): feed changes are
+    refused with 503 and nothing changes, while exports go on reading."""
+
+
 class ConfigError(ValueError):
     """A configuration value that cannot be used; start-up stops with this message."""
 
@@ -219,7 +258,8 @@ class NotFound(LookupError):
 # The numeric settings: (Config field, environment variable, lowest, highest), checked in one place.
 NUMBER_SETTINGS = (("refresh_minutes", "TIMESLOT_REFRESH_MINUTES", 1, MAX_REFRESH_MINUTES),
                    ("max_body_bytes", "TIMESLOT_MAX_BODY_BYTES", 0, 64 * 1024 * 1024),
-                   ("busy_timeout_ms", "TIMESLOT_BUSY_TIMEOUT_MS", 0, 600_000))
+                   ("busy_timeout_ms", "TIMESLOT_BUSY_TIMEOUT_MS", 0, 600_000),
+                   ("max_feeds", "TIMESLOT_MAX_FEEDS", 1, 10_000))
 
 
 def _yes_or_no(name: str, text: str) -> bool:
@@ -251,6 +291,9 @@ class Config:
     log_level: str = "INFO"
     # The file is a replica that a follower (litestream restore -f) updates in place: see Database.
     replica: bool = False
+    max_feeds: int = MAX_FEEDS
+    # Where the service is reached from outside, for the URLs of new feeds; '' = the request's own address.
+    base_url: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.db_path, str) or not self.db_path:
@@ -262,6 +305,9 @@ class Config:
         for origin in self.cors_origins:
             if not re.fullmatch(r"https?://[A-Za-z0-9.:\[\]-]+", origin):
                 raise ConfigError(f"CORS origin must look like https://host[:port], not {origin!r}")
+        if self.base_url and not (isinstance(self.base_url, str) and BASE_URL_PATTERN.fullmatch(self.base_url)):
+            raise ConfigError(f"TIMESLOT_BASE_URL must be an absolute http:// or https:// URL without a query, "
+                              f"such as https://calendar.example.org, not {self.base_url!r}")
         if not isinstance(self.replica, bool):
             raise ConfigError(f"replica must be True or False, not {self.replica!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -277,6 +323,7 @@ class Config:
                                   if o.strip()),
             "log_level": environ.get("TIMESLOT_LOG_LEVEL", "INFO").strip() or "INFO",
             "replica": _yes_or_no("TIMESLOT_DB_REPLICA", environ.get("TIMESLOT_DB_REPLICA", "")),
+            "base_url": environ.get("TIMESLOT_BASE_URL", "").strip(),
         }
         for key, name, low, high in NUMBER_SETTINGS:
             if name in environ:
@@ -311,6 +358,8 @@ class Group:
 
 @dataclasses.dataclass(frozen=True)
 class Feed:
+    """A feed as its secret URL finds it: what the calendar shows, and its user's state."""
+
     id: int
     user_id: int
     group_id: int | None
@@ -319,6 +368,16 @@ class Feed:
     revoked: bool
     user_deleted: bool
     version: int
+    label: str = ""
+    past_days: int | None = None
+    future_days: int | None = None
+
+
+def feed_object(row: tuple) -> dict:
+    """A row of SQL_FEEDS_OF_USER as the management API's feed object (SPEC §3); never the secret."""
+    feed_id, label, group, details, alarms, past_days, future_days, created_at, revoked_at = row
+    return {"id": feed_id, "label": _decode(label), "group": group, "details": details, "alarms": bool(alarms),
+            "past_days": past_days, "future_days": future_days, "created_at": created_at, "revoked_at": revoked_at}
 
 
 class Session:
@@ -378,7 +437,17 @@ class Session:
         row = self._one(SQL_FEED_BY_DIGEST, (digest,))
         if row is None:
             return None
-        return Feed(row[0], row[1], row[2], row[3] == "busy", bool(row[4]), bool(row[5]), bool(row[6]), row[7])
+        return Feed(row[0], row[1], row[2], row[3] == "busy", bool(row[4]), bool(row[5]), bool(row[6]), row[7],
+                    _decode(row[8]), row[9], row[10])
+
+    def feeds_of_user(self, user_id: int) -> list[dict]:
+        """The user's feeds, revoked ones included, by id, as feed objects."""
+        return [feed_object(row) for row in self._rows(SQL_FEEDS_OF_USER, {"user": user_id})]
+
+    def feed_of_user(self, user_id: int, feed_id: int) -> dict | None:
+        """One of the user's feeds as a feed object; None for a feed that is not theirs (or none at all)."""
+        row = self._one(SQL_FEED_OF_USER, {"user": user_id, "feed": feed_id})
+        return None if row is None else feed_object(row)
 
     def slot_batches(self, user_id: int, group_id: int | None, size: int = 256) -> Iterator[list[tuple]]:
         """The user's slots (of one group, or all) in (start_at, uuid) order, as lists of rows.
@@ -430,6 +499,85 @@ class Session:
             except sqlite3.Error:
                 self._broken = True
         self._database.check_in(self._connection, self._identity, reusable=not self._broken)
+
+
+class WriteSession(Session):
+    """One short write transaction on a connection of its own, for feed management (SPEC §3): never an
+    export's connection, never kept. BEGIN IMMEDIATE takes the write lock at once (waiting up to the busy
+    timeout, then 503), so a count and the insert it allows are one step however many clients race, and a
+    read-only file or directory is found before anything is written."""
+
+    def __init__(self, connection: sqlite3.Connection):
+        self._connection = connection
+        self._broken = self._closed = False
+        self._run("BEGIN IMMEDIATE")
+
+    def _failed(self, error: sqlite3.Error) -> Exception:
+        self._broken = True
+        if _is_read_only(error):
+            return DatabaseReadOnly("the database file or its directory is read-only")
+        return _storage_error(error)
+
+    def _change(self, sql: str, parameters: Sequence | Mapping) -> int:
+        """Run one write; the number of rows it changed."""
+        return self._run(sql, parameters).rowcount
+
+    def active_feeds(self, user_id: int) -> int:
+        return self._one(SQL_ACTIVE_FEEDS, (user_id,))[0]
+
+    def insert_feed(self, user_id: int, group_id: int | None, settings: Mapping) -> tuple[int, str]:
+        """(id, secret) of a new feed; only the secret's digest is stored."""
+        secret = secrets.token_urlsafe(32)
+        cursor = self._run(SQL_INSERT_FEED, {**settings, "user": user_id, "group": group_id,
+                                             "digest": token_digest(secret)})
+        return cursor.lastrowid, secret
+
+    def copy_feed(self, feed_id: int) -> tuple[int, str]:
+        """(id, secret) of a new feed with the settings of ``feed_id`` (a reset's second half)."""
+        secret = secrets.token_urlsafe(32)
+        return self._run(SQL_COPY_FEED, {"feed": feed_id, "digest": token_digest(secret)}).lastrowid, secret
+
+    def change_feed(self, user_id: int, feed_id: int, changes: Mapping) -> bool:
+        """Set the members in ``changes`` on an active feed of the user; False when there is none."""
+        parameters = {"feed": feed_id, "user": user_id}
+        for name in FEED_SETTINGS:
+            parameters["set_" + name] = name in changes
+            parameters[name] = changes.get(name)
+        return self._change(SQL_CHANGE_FEED, parameters) == 1
+
+    def revoke_demo_feeds(self, user_id: int) -> None:
+        """Revoke the demo user's earlier demo feeds (`demo` makes a new one each time it runs)."""
+        self._change(SQL_REVOKE_DEMO_FEEDS, (user_id,))
+
+    def revoke_feed(self, feed_id: int) -> bool:
+        """Revoke an active feed; False when it was revoked already."""
+        return self._change(SQL_REVOKE_FEED, (feed_id,)) == 1
+
+    def commit(self) -> None:
+        """Make the transaction's changes permanent, all of them or (on an error) none."""
+        self._run("COMMIT")
+        self._closed = True
+        self._connection.close()
+
+    def close(self) -> None:
+        """End the transaction without its changes (if it was not committed) and close the connection."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if not self._broken or self._connection.in_transaction:
+                self._connection.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        finally:
+            self._connection.close()
+
+
+def _is_read_only(error: sqlite3.Error) -> bool:
+    """SQLITE_READONLY (a file that opened read-only), or SQLITE_CANTOPEN on a journal or WAL file that a
+    read-only directory will not take: either way, this database cannot be written here."""
+    message = str(error).lower()
+    return isinstance(error, sqlite3.OperationalError) and ("readonly" in message or "unable to open" in message)
 
 
 class _FollowerGuard:
@@ -646,6 +794,25 @@ class Database:
             self._idle.connection = (connection, identity)
         else:
             connection.close()
+
+    def write_session(self) -> WriteSession:
+        """A write transaction on a new read-write connection (feed management only). A replica refuses:
+        its follower would overwrite the change, which belongs on the primary."""
+        if self._replica:
+            raise DatabaseReadOnly("this instance serves a replica; feed changes go to the primary")
+        try:
+            connection = sqlite3.connect("file:" + urllib.parse.quote(self.path) + "?mode=rw", uri=True,
+                                         timeout=self._timeout, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as error:
+            if _is_read_only(error) and os.path.exists(self.path):
+                raise DatabaseReadOnly("the database file cannot be opened for writing") from error
+            raise _storage_error(error) from error
+        try:
+            connection.execute("PRAGMA foreign_keys = ON")
+            return WriteSession(connection)
+        except BaseException:
+            connection.close()
+            raise
 
     def check(self) -> None:
         """Fail with DatabaseUnavailable unless the file opens as a Timeslot database (start-up check)."""
@@ -1668,6 +1835,29 @@ class Request:
         return self._environ.get("QUERY_STRING", "")
 
     @property
+    def script_path(self) -> str:
+        """Where the application is mounted (SCRIPT_NAME), percent-encoded; '' at the root."""
+        return urllib.parse.quote(self._environ.get("SCRIPT_NAME", "").encode("latin-1"), safe="/")
+
+    @property
+    def base_url(self) -> str:
+        """The scheme, host and mount point the client used: the base of the URLs the service hands out when
+        TIMESLOT_BASE_URL is not set. A proxy's X-Forwarded-Proto (http or https) names the scheme; a Host
+        that is not a host name falls back to the server's own. Only the client that sent them sees them."""
+        environ = self._environ
+        scheme = environ.get("HTTP_X_FORWARDED_PROTO", "").strip().lower()
+        if scheme not in ("http", "https"):
+            scheme = "https" if environ.get("wsgi.url_scheme") == "https" else "http"
+        host = environ.get("HTTP_HOST", "")
+        if not HOST_PATTERN.fullmatch(host):
+            host, port = environ.get("SERVER_NAME", "localhost"), environ.get("SERVER_PORT", "")
+            if not HOST_PATTERN.fullmatch(host):
+                host = "localhost"
+            if port.isdigit() and port != {"http": "80", "https": "443"}[scheme]:
+                host += ":" + port
+        return f"{scheme}://{host}{self.script_path}"
+
+    @property
     def may_have_body(self) -> bool:
         """A Content-Length above 0, or none with a stream the server terminates (chunked uploads)."""
         length = self._environ.get("CONTENT_LENGTH", "").strip()
@@ -1825,26 +2015,97 @@ def _form_pairs(text: str) -> list[tuple[str, object]]:
                         f"too many parameters (at most {MAX_FORM_FIELDS})") from None
 
 
+class _FormText(str):
+    """A parameter's value from a form body or the query string, where every value is text: ``alarms`` reads
+    ``true``/``1`` there, while JSON must say ``true``."""
+
+
+def request_parameters(request: Request, limit: int, names: Sequence[str]) -> dict[str, object]:
+    """SPEC §3 Parameters: the named parameters from the body (JSON or form) or the query string, the body
+    winning; a parameter repeated where it is read is 422. Form and query values are _FormText."""
+    if not request.query_string and not request.may_have_body:
+        return {}                                     # the seed's request: no parameters to read
+    media_type, body = _body_text(request, limit)
+    found: dict[str, object] = {}
+    body_pairs = _body_parameters(media_type, body)
+    if media_type != "application/json":
+        body_pairs = [(name, _FormText(value)) for name, value in body_pairs]
+    query_pairs = [(name, _FormText(value)) for name, value in _form_pairs(_wsgi_text(request.query_string))]
+    for pairs in (body_pairs, query_pairs):
+        here: dict[str, object] = {}
+        for name, value in pairs:
+            if name in names and name not in found:
+                if name in here:
+                    raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, f"parameter {name} is repeated")
+                here[name] = value
+        found.update(here)
+    return found
+
+
+def _invalid(message: str) -> HTTPError:
+    return HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, message)
+
+
+def group_value(value: object) -> str | None:
+    """``group``: the lowercase group uuid, or None (absent, null or "") for all slots."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise _invalid("parameter group must be a string (a UUID)")
+    if not UUID_PATTERN.fullmatch(value):
+        raise _invalid("parameter group is not a UUID")
+    return value.lower()
+
+
 def group_parameter(request: Request, limit: int) -> str | None:
     """SPEC §3 Parameters: the lowercase group uuid, or None for all slots. The body wins over the query."""
-    if not request.query_string and not request.may_have_body:
-        return None                                   # the seed's request: no parameters to read
-    media_type, body = _body_text(request, limit)
-    query = _wsgi_text(request.query_string)
-    for pairs in (_body_parameters(media_type, body), _form_pairs(query)):
-        values = [value for name, value in pairs if name == "group"]
-        if len(values) > 1:
-            raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, "parameter group is repeated")
-        if values:
-            value = values[0]
-            if value is None or value == "":
-                return None
-            if not isinstance(value, str):
-                raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, "parameter group must be a string (a UUID)")
-            if not UUID_PATTERN.fullmatch(value):
-                raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, "parameter group is not a UUID")
-            return value.lower()
-    return None
+    return group_value(request_parameters(request, limit, ("group",)).get("group"))
+
+
+_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")    # and lone surrogates (not text)
+
+
+def _label(value: object) -> str:
+    if not isinstance(value, str) or len(value) > MAX_LABEL_CHARS or _CONTROL_CHARACTERS.search(value):
+        raise _invalid(f"parameter label must be a string of at most {MAX_LABEL_CHARS} characters "
+                       f"without control characters")
+    return str(value)
+
+
+def _details(value: object) -> str:
+    if value not in ("full", "busy"):
+        raise _invalid("parameter details must be full or busy")
+    return str(value)
+
+
+def _alarms(value: object) -> int:
+    if isinstance(value, _FormText) and value in ("true", "false", "1", "0"):
+        return int(value in ("true", "1"))
+    if isinstance(value, bool):
+        return int(value)
+    raise _invalid("parameter alarms must be true or false (in a form or query also 1 or 0)")
+
+
+def _day_count(name: str) -> Callable[[object], int | None]:
+    def parse(value: object) -> int | None:
+        if value is None or value == "":
+            return None
+        if isinstance(value, _FormText) and re.fullmatch(r"[0-9]{1,5}", value):
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_WINDOW_DAYS:
+            return int(value)
+        raise _invalid(f"parameter {name} must be a whole number from 0 to {MAX_WINDOW_DAYS}, or null")
+    return parse
+
+
+FEED_SETTING_PARSERS = {"label": _label, "details": _details, "alarms": _alarms,
+                        "past_days": _day_count("past_days"), "future_days": _day_count("future_days")}
+FEED_DEFAULTS = {"label": "", "details": "full", "alarms": 1, "past_days": None, "future_days": None}
+
+
+def feed_settings(parameters: Mapping[str, object]) -> dict[str, object]:
+    """The feed settings among ``parameters``, each checked (422 naming the first that is wrong)."""
+    return {name: FEED_SETTING_PARSERS[name](parameters[name]) for name in FEED_SETTINGS if name in parameters}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1875,6 +2136,173 @@ def authenticate(session: Session, authorization: str) -> tuple[int, int]:
     if user is None:
         raise _unauthorized()
     return user
+
+
+# ---------------------------------------------------------------------------------------------------
+# The subscribe page: HTML for a person, one link per calendar client (SPEC §3 "The subscribe page")
+# ---------------------------------------------------------------------------------------------------
+
+# The page's own style and script, allowed by their hashes in its Content-Security-Policy and by nothing
+# else: no other origin, no inline event handler, no framing. The page works with scripts off; the script
+# only reveals a Copy button.
+PAGE_STYLE = """
+:root { color-scheme: light dark; --accent: #1a5fb4; --line: #8888; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 17px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
+main { max-width: 34rem; margin: 0 auto; padding: 1.25rem 1rem 2rem; }
+h1 { font-size: 1.6rem; margin: 0 0 .25rem; overflow-wrap: anywhere; }
+h2 { font-size: 1.05rem; margin: 1.75rem 0 .6rem; }
+.label { margin: 0; font-weight: 600; overflow-wrap: anywhere; }
+.shows { margin: .5rem 0 0; opacity: .8; }
+ul { list-style: none; margin: 0; padding: 0; }
+li a { display: block; margin: 0 0 .6rem; padding: .8rem 1rem; border: 1px solid var(--line);
+       border-radius: .6rem; color: inherit; text-decoration: none; font-weight: 600; }
+li a:hover, li a:focus { border-color: var(--accent); outline: none; }
+li a small { display: block; font-weight: 400; opacity: .75; }
+.copy { display: flex; gap: .5rem; }
+.copy input { flex: 1; min-width: 0; padding: .7rem; font: 15px ui-monospace, Menlo, Consolas, monospace;
+              border: 1px solid var(--line); border-radius: .5rem; background: transparent; color: inherit; }
+.copy button { padding: .7rem 1.1rem; font: inherit; font-weight: 600; border: 0; border-radius: .5rem;
+               background: var(--accent); color: #fff; }
+.note { margin-top: 1.75rem; font-size: .9rem; opacity: .8; }
+a { color: var(--accent); }
+"""
+PAGE_SCRIPT = """
+(function () {
+  var field = document.getElementById("url"), button = document.getElementById("copy");
+  if (!field || !button) { return; }
+  function copied() { button.textContent = "Copied"; }
+  function fallback() { field.select(); if (document.execCommand("copy")) { copied(); } }
+  button.hidden = false;
+  field.addEventListener("focus", function () { field.select(); });
+  button.addEventListener("click", function () {
+    if (navigator.clipboard && window.isSecureContext) {
+      navigator.clipboard.writeText(field.value).then(copied, fallback);
+    } else {
+      fallback();
+    }
+  });
+})();
+"""
+
+
+def _csp_hash(source: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode("utf-8")).digest()).decode("ascii") + "'"
+
+
+PAGE_POLICY = (f"default-src 'none'; style-src {_csp_hash(PAGE_STYLE)}; script-src {_csp_hash(PAGE_SCRIPT)}; "
+               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+# What every subscribe page and its 404/410 carry: a click on a client's link must not hand the secret URL
+# to that site (Referer), no search engine may keep it, and no cache may store it.
+PAGE_HEADERS = (("Content-Security-Policy", PAGE_POLICY), ("Referrer-Policy", "no-referrer"),
+                ("X-Robots-Tag", "noindex"), ("Cache-Control", "private, no-store"))
+PAGE_TEMPLATE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<meta name="robots" content="noindex">
+<title>{title}</title>
+<style>{style}</style>
+</head>
+<body>
+<main>
+{content}
+</main>
+{script}</body>
+</html>
+"""
+SUBSCRIBE_CONTENT = """<h1>{calendar}</h1>
+{label}<p class="shows">{shows}</p>
+<h2>Subscribe in your calendar app</h2>
+<ul>
+<li><a id="google" href="{google}" rel="noreferrer">Google Calendar<small>Android, and calendar.google.com</small></a></li>
+<li><a id="apple" href="{webcal}" rel="noreferrer">Apple Calendar<small>iPhone, iPad and Mac</small></a></li>
+<li><a id="outlook" href="{outlook}" rel="noreferrer">Outlook.com<small>Personal Microsoft account</small></a></li>
+<li><a id="office" href="{office}" rel="noreferrer">Microsoft 365<small>Work or school account</small></a></li>
+<li><a id="thunderbird" href="{webcal}" rel="noreferrer">Thunderbird<small>and other apps that open webcal links</small></a></li>
+</ul>
+<h2>Or copy the address</h2>
+<p>Any calendar app that can subscribe to a calendar from the internet takes this address:</p>
+<div class="copy"><input id="url" type="text" readonly value="{url}" aria-label="Calendar address"><button id="copy" type="button" hidden>Copy</button></div>
+<p><a id="download" href="{url}" download="{filename}" rel="noreferrer">Download a copy</a>: a one-time import that does not update.</p>
+<p class="note">Your calendar app checks this address for changes on its own schedule (every few hours for
+Google and Outlook). Anyone who has the address can see this calendar: share it only with people who may,
+and ask for a new link if it got out.</p>"""
+PAGE_ERRORS = {
+    HTTPStatus.NOT_FOUND: ("Calendar link not found", "This calendar link does not exist. Check that you copied "
+                           "the whole address, or ask for a new link."),
+    HTTPStatus.GONE: ("Calendar link turned off", "This calendar link was turned off by its owner, who may have "
+                      "replaced it with a new one. Ask them for the new link; calendar apps stop updating "
+                      "from this one."),
+}
+
+
+def _html(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+def _window_text(past_days: int | None, future_days: int | None) -> str:
+    """What part of the calendar a feed's window shows, in words."""
+    def days(count: int) -> str:
+        return "1 day" if count == 1 else f"{count} days"
+    if past_days is None and future_days is None:
+        return "every date"
+    if future_days is None:
+        return f"from {days(past_days)} ago on" if past_days else "from today on"
+    ahead = f"{days(future_days)} ahead" if future_days else "today"
+    if past_days is None:
+        return f"everything up to {ahead}"
+    return f"from {days(past_days) + ' ago' if past_days else 'today'} to {ahead}"
+
+
+def _shows_text(feed: Feed) -> str:
+    if feed.busy:
+        kind = "Busy times only: no titles, places, notes or reminders"
+    else:
+        kind = "All details, " + ("with reminders" if feed.alarms else "without reminders")
+    return f"{kind}; {_window_text(feed.past_days, feed.future_days)}."
+
+
+def client_links(url: str, webcal_url: str, calendar_name: str) -> dict[str, str]:
+    """The subscribe link of each calendar client for a feed (SPEC §3 "The subscribe page")."""
+    def quoted(value: str) -> str:
+        return urllib.parse.quote(value, safe="")
+    add_from_web = f"/calendar/0/addfromweb?url={quoted(url)}&name={quoted(calendar_name)}"
+    return {"google": "https://calendar.google.com/calendar/render?cid=" + quoted(webcal_url),
+            "outlook": "https://outlook.live.com" + add_from_web,
+            "office": "https://outlook.office.com" + add_from_web,
+            "webcal": webcal_url}
+
+
+def html_page(status: HTTPStatus, title: str, content: str, script: bool = False) -> Response:
+    """A page for a person: the template around ``content`` (already escaped), with the page headers."""
+    body = PAGE_TEMPLATE.format(title=_html(title), style=PAGE_STYLE, content=content,
+                                script=f"<script>{PAGE_SCRIPT}</script>\n" if script else "").encode("utf-8")
+    return Response(status, [("Content-Type", HTML_TYPE), ("Content-Length", str(len(body))), *PAGE_HEADERS],
+                    [body])
+
+
+def subscribe_page(feed: Feed, calendar_name: str, urls: Mapping[str, str]) -> Response:
+    """The page of one live feed: what it shows, a link per client, its address to copy, a download."""
+    links = client_links(urls["url"], urls["webcal_url"], calendar_name)
+    label = f'<p class="label">{_html(feed.label)}</p>\n' if is_written(feed.label) else ""
+    content = SUBSCRIBE_CONTENT.format(calendar=_html(calendar_name), label=label, shows=_html(_shows_text(feed)),
+                                       url=_html(urls["url"]), filename=_html(_download_name(calendar_name)),
+                                       **{name: _html(link) for name, link in links.items()})
+    return html_page(HTTPStatus.OK, f"Subscribe to {calendar_name}", content, script=True)
+
+
+def _download_name(calendar_name: str) -> str:
+    """A file name for the download link: the calendar's name without what file systems refuse."""
+    return (re.sub(r'[\x00-\x1f\x7f/\\:*?"<>|]+', " ", calendar_name).strip(" .") or "Timeslot")[:100] + ".ics"
+
+
+def page_error(status: HTTPStatus) -> Response:
+    """The subscribe page's own 404 or 410: a short page a person can read, not JSON."""
+    title, text = PAGE_ERRORS[status]
+    return html_page(status, title, f"<h1>{_html(title)}</h1>\n<p>{_html(text)}</p>")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1946,25 +2374,38 @@ def handle_export(app: "ExportApp", request: Request) -> Response:
         raise
 
 
+def _feed_not_found() -> HTTPError:
+    return HTTPError(HTTPStatus.NOT_FOUND, "feed not found")
+
+
+def subscribed_feed(session: Session, secret: str) -> tuple[Feed, Group | None]:
+    """The live feed behind a secret URL, and its group: 404 for an unknown secret, a deleted user or a group
+    that is deleted or no longer the user's; 410 for a revoked feed, whatever else changed."""
+    feed = session.feed_by_digest(token_digest(secret)) if FEED_SECRET_PATTERN.fullmatch(secret) else None
+    if feed is None:
+        raise _feed_not_found()
+    if feed.revoked:
+        raise HTTPError(HTTPStatus.GONE, "feed revoked")
+    group = None
+    if feed.group_id is not None:
+        group = session.accessible_group(feed.user_id, group_id=feed.group_id)
+    if feed.user_deleted or (feed.group_id is not None and group is None):
+        raise _feed_not_found()
+    return feed, group
+
+
 def handle_feed(app: "ExportApp", request: Request, secret: str) -> Response:
     """GET|HEAD /v1/feeds/<secret>.ics: a subscription feed, no Authorization needed (SPEC §3)."""
     if not FEED_SECRET_PATTERN.fullmatch(secret):
-        raise HTTPError(HTTPStatus.NOT_FOUND, "feed not found")
+        raise _feed_not_found()
     session = app.database.session()
     try:
-        feed = session.feed_by_digest(token_digest(secret))
-        if feed is None:
-            raise HTTPError(HTTPStatus.NOT_FOUND, "feed not found")
-        if feed.revoked:
-            raise HTTPError(HTTPStatus.GONE, "feed revoked")
-        group = None
-        if feed.group_id is not None:
-            group = session.accessible_group(feed.user_id, group_id=feed.group_id)
-        if feed.user_deleted or (feed.group_id is not None and group is None):
-            raise HTTPError(HTTPStatus.NOT_FOUND, "feed not found")
+        feed, group = subscribed_feed(session, secret)
         style = CalendarStyle.of(group, refresh_minutes=app.config.refresh_minutes, busy=feed.busy,
                                  alarms=feed.alarms and not feed.busy)
-        variant = f"feed {feed.id} {style.refresh_minutes} {style.busy} {style.alarms}"
+        # Everything of the feed that its body shows: a PATCH of any of it is a new ETag at once.
+        variant = (f"feed {feed.id} {style.refresh_minutes} busy={style.busy} alarms={style.alarms} "
+                   f"window={feed.past_days},{feed.future_days}")
         return calendar_response(app, request, session, user_id=feed.user_id, version=feed.version, group=group,
                                  style=style, variant=variant, content_type=CALENDAR_TYPE,
                                  headers=[("Vary", "Accept-Encoding, Origin")])
@@ -1973,11 +2414,157 @@ def handle_feed(app: "ExportApp", request: Request, secret: str) -> Response:
         raise
 
 
-def handle_preflight(app: "ExportApp", request: Request) -> Response:
-    """OPTIONS /v1/export/ical: 204 with Allow; CORS preflight headers for an allowed Origin."""
-    headers = [("Allow", ", ".join(EXPORT_METHODS))]
+def handle_subscribe_page(app: "ExportApp", request: Request, secret: str) -> Response:
+    """GET|HEAD /v1/feeds/<secret>: the feed's subscribe page, or its HTML 404/410 (SPEC §3)."""
+    try:
+        with reading(app) as session:
+            feed, group = subscribed_feed(session, secret)
+    except HTTPError as error:
+        return page_error(error.status)
+    calendar_name = group.name if group is not None and is_written(group.name) else "Timeslot"
+    return subscribe_page(feed, calendar_name, feed_urls(public_base(app, request), secret))
+
+
+# --- managing feeds: SPEC §3 "Managing feeds" ---------------------------------------------------------------
+
+@contextlib.contextmanager
+def reading(app: "ExportApp") -> Iterator[Session]:
+    """A read session for the length of a block (management requests; exports stream theirs)."""
+    session = app.database.session()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+@contextlib.contextmanager
+def writing(app: "ExportApp") -> Iterator[WriteSession]:
+    """A write transaction for the length of a block: committed when the block ends, undone when it raises.
+    It is opened only after the request's read session is closed, so a request never waits for itself."""
+    store = app.database.write_session()
+    try:
+        yield store
+        store.commit()
+    finally:
+        store.close()
+
+
+def public_base(app: "ExportApp", request: Request) -> str:
+    """The base of the URLs handed out: TIMESLOT_BASE_URL, else the address the request came to."""
+    return (app.config.base_url or request.base_url).rstrip("/")
+
+
+def feed_urls(base: str, secret: str) -> dict[str, str]:
+    """The secret URLs of a feed: the calendar, the same as webcal://, and its subscribe page."""
+    url = f"{base}/v1/feeds/{secret}.ics"
+    return {"url": url, "webcal_url": "webcal://" + url.split("://", 1)[1], "page_url": f"{base}/v1/feeds/{secret}"}
+
+
+def own_feed(session: Session, user_id: int, ident: str) -> dict:
+    """The caller's feed with this id; 404 for anything else (another user's, unknown, not a number)."""
+    feed = session.feed_of_user(user_id, int(ident)) if FEED_ID_PATTERN.fullmatch(ident) else None
+    if feed is None:
+        raise _feed_not_found()
+    return feed
+
+
+def _active(feed: dict) -> dict:
+    if feed["revoked_at"] is not None:
+        raise HTTPError(HTTPStatus.GONE, "feed revoked")
+    return feed
+
+
+def _feed_parameters(app: "ExportApp", request: Request) -> dict[str, object]:
+    return request_parameters(request, app.config.max_body_bytes, ("group", *FEED_SETTINGS))
+
+
+def _feed_created(app: "ExportApp", request: Request, store: WriteSession, user_id: int, feed_id: int,
+                  secret: str) -> Response:
+    """201 with the new feed's object and, this once, its secret URLs."""
+    body = {**store.feed_of_user(user_id, feed_id), **feed_urls(public_base(app, request), secret)}
+    return json_response(HTTPStatus.CREATED, body, [("Location", f"{request.script_path}/v1/feeds/{feed_id}")])
+
+
+def handle_feed_list(app: "ExportApp", request: Request) -> Response:
+    """GET|HEAD /v1/feeds: the caller's feeds, revoked ones included, by id; never a secret."""
+    with reading(app) as session:
+        user_id = authenticate(session, request.header("Authorization"))[0]
+        return json_response(HTTPStatus.OK, {"feeds": session.feeds_of_user(user_id)})
+
+
+def handle_feed_create(app: "ExportApp", request: Request) -> Response:
+    """POST /v1/feeds: a new feed (201), at most TIMESLOT_MAX_FEEDS active ones per user (409 beyond)."""
+    with reading(app) as session:
+        user_id = authenticate(session, request.header("Authorization"))[0]
+        parameters = _feed_parameters(app, request)
+        settings = {**FEED_DEFAULTS, **feed_settings(parameters)}
+        group_uuid = group_value(parameters.get("group"))
+        group = None if group_uuid is None else session.accessible_group(user_id, uuid=group_uuid)
+        if group_uuid is not None and group is None:
+            raise HTTPError(HTTPStatus.NOT_FOUND, "group not found")
+    with writing(app) as store:
+        if store.active_feeds(user_id) >= app.config.max_feeds:
+            raise HTTPError(HTTPStatus.CONFLICT, "too many feeds")
+        feed_id, secret = store.insert_feed(user_id, None if group is None else group.id, settings)
+        return _feed_created(app, request, store, user_id, feed_id, secret)
+
+
+def handle_feed_item(app: "ExportApp", request: Request, ident: str) -> Response:
+    """GET|HEAD /v1/feeds/<id>: one of the caller's feeds. A path that is no number is a secret: its page."""
+    if not ident.isascii() or not ident.isdigit():
+        return handle_subscribe_page(app, request, ident)
+    with reading(app) as session:
+        user_id = authenticate(session, request.header("Authorization"))[0]
+        return json_response(HTTPStatus.OK, own_feed(session, user_id, ident))
+
+
+def handle_feed_change(app: "ExportApp", request: Request, ident: str) -> Response:
+    """PATCH /v1/feeds/<id>: change label, details, alarms or the window; the URL shows it at once."""
+    with reading(app) as session:
+        user_id = authenticate(session, request.header("Authorization"))[0]
+        parameters = _feed_parameters(app, request)
+        if "group" in parameters:
+            raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY,
+                            "parameter group cannot change: a feed of another group is another feed (create it)")
+        changes = feed_settings(parameters)
+        feed = _active(own_feed(session, user_id, ident))
+    if not changes:
+        return json_response(HTTPStatus.OK, feed)
+    with writing(app) as store:
+        if not store.change_feed(user_id, feed["id"], changes):
+            raise HTTPError(HTTPStatus.GONE, "feed revoked")        # revoked since it was read
+        return json_response(HTTPStatus.OK, store.feed_of_user(user_id, feed["id"]))
+
+
+def handle_feed_revoke(app: "ExportApp", request: Request, ident: str) -> Response:
+    """DELETE /v1/feeds/<id>: revoke the feed (204, again 204 for a revoked one); its URL answers 410."""
+    with reading(app) as session:
+        user_id = authenticate(session, request.header("Authorization"))[0]
+        feed = own_feed(session, user_id, ident)
+    if feed["revoked_at"] is None:
+        with writing(app) as store:
+            store.revoke_feed(feed["id"])
+    return Response(HTTPStatus.NO_CONTENT, [("Cache-Control", "no-store")])
+
+
+def handle_feed_reset(app: "ExportApp", request: Request, ident: str) -> Response:
+    """POST /v1/feeds/<id>/reset: in one transaction revoke the feed and create one with its settings (201)."""
+    with reading(app) as session:
+        user_id = authenticate(session, request.header("Authorization"))[0]
+        feed = _active(own_feed(session, user_id, ident))
+    with writing(app) as store:
+        if not store.revoke_feed(feed["id"]):
+            raise HTTPError(HTTPStatus.GONE, "feed revoked")        # revoked since it was read
+        feed_id, secret = store.copy_feed(feed["id"])
+        return _feed_created(app, request, store, user_id, feed_id, secret)
+
+
+def handle_preflight(app: "ExportApp", request: Request, methods: Sequence[str]) -> Response:
+    """OPTIONS on any API path: 204 with Allow (that path's methods); CORS preflight headers for an allowed
+    Origin."""
+    headers = [("Allow", ", ".join(methods))]
     if request.header("Origin") in app.config.cors_origins:
-        headers += [("Access-Control-Allow-Methods", ", ".join(EXPORT_METHODS)),
+        headers += [("Access-Control-Allow-Methods", ", ".join(methods)),
                     ("Access-Control-Allow-Headers", "Authorization, Content-Type, If-None-Match, X-Request-Id"),
                     ("Access-Control-Max-Age", "600"), ("Vary", "Origin")]
     return Response(HTTPStatus.NO_CONTENT, headers)
@@ -1988,10 +2575,18 @@ def handle_preflight(app: "ExportApp", request: Request) -> Response:
 # ---------------------------------------------------------------------------------------------------
 
 Handler = Callable[..., Response]
+# A path's OPTIONS is its CORS preflight, answered with that path's methods. /v1/feeds/<x> is a feed of the
+# management API when x is a number and a subscribe page otherwise (secrets are 43 URL-safe characters).
 ROUTES: tuple[tuple[re.Pattern, dict[str, Handler]], ...] = (
     (re.compile(r"/v1/export/ical"),
      {"GET": handle_export, "HEAD": handle_export, "POST": handle_export, "OPTIONS": handle_preflight}),
     (re.compile(r"/v1/feeds/(?P<secret>.*)\.ics", re.DOTALL), {"GET": handle_feed, "HEAD": handle_feed}),
+    (re.compile(r"/v1/feeds"),
+     {"GET": handle_feed_list, "HEAD": handle_feed_list, "POST": handle_feed_create, "OPTIONS": handle_preflight}),
+    (re.compile(r"/v1/feeds/(?P<ident>[^/]+)"),
+     {"GET": handle_feed_item, "HEAD": handle_feed_item, "PATCH": handle_feed_change, "DELETE": handle_feed_revoke,
+      "OPTIONS": handle_preflight}),
+    (re.compile(r"/v1/feeds/(?P<ident>[^/]+)/reset"), {"POST": handle_feed_reset, "OPTIONS": handle_preflight}),
 )
 
 
@@ -2003,6 +2598,8 @@ def route(method: str, path: str) -> tuple[Handler, dict[str, str]]:
             if method not in methods:
                 raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, f"method {method} not allowed",
                                 [("Allow", ", ".join(methods))])
+            if method == "OPTIONS":
+                return functools.partial(handle_preflight, methods=tuple(methods)), {}
             return methods[method], match.groupdict()
     raise HTTPError(HTTPStatus.NOT_FOUND, "not found")
 
@@ -2017,6 +2614,7 @@ CONTENT_HEADERS = frozenset({"Content-Type", "Content-Length", "Content-Disposit
 SECURITY_HEADERS = [("X-Frame-Options", "SAMEORIGIN"), ("X-Content-Type-Options", "nosniff"),
                     ("X-XSS-Protection", "1; mode=block")]
 CORS_EXPOSED = "Content-Disposition, ETag, X-Request-Id"
+CORS_EXPOSED_FEEDS = "ETag, Location, X-Request-Id"          # the management API's paths: a 201's Location
 STATUS_LINES = {status: f"{status.value} {status.phrase}" for status in HTTPStatus}   # enum lookups are slow
 
 
@@ -2069,6 +2667,10 @@ class ExportApp:
             response = handler(self, request, **arguments)
         except HTTPError as error:
             response = json_response(error.status, {"error": error.message}, error.headers)
+        except DatabaseReadOnly as error:
+            logger.warning("request %s: feed change refused: %s", request.id, error)
+            response = json_response(HTTPStatus.SERVICE_UNAVAILABLE,
+                                     {"error": f"feeds cannot be changed here: {error}", "request_id": request.id})
         except DatabaseUnavailable as error:
             logger.warning("request %s: database unavailable: %s", request.id, error)
             response = json_response(HTTPStatus.SERVICE_UNAVAILABLE,
@@ -2095,7 +2697,9 @@ class ExportApp:
         headers = headers + SECURITY_HEADERS + [("X-Request-Id", request.id)]
         origin = request.header("Origin")
         if origin and origin in self.config.cors_origins:
-            headers += [("Access-Control-Allow-Origin", origin), ("Access-Control-Expose-Headers", CORS_EXPOSED)]
+            managing = request.path.startswith("/v1/feeds") and not request.path.endswith(".ics")
+            headers += [("Access-Control-Allow-Origin", origin),
+                        ("Access-Control-Expose-Headers", CORS_EXPOSED_FEEDS if managing else CORS_EXPOSED)]
         headers.append(("X-Runtime", f"{time.perf_counter() - started:.6f}"))
         start_response(STATUS_LINES[status], headers)
         body = response.body if request.method != "HEAD" else ()
@@ -2692,21 +3296,27 @@ def _user_id(connection: sqlite3.Connection, username: str) -> int:
     return row[0]
 
 
-def create_feed(connection: sqlite3.Connection, username: str, group_uuid: str | None, label: str,
-                busy: bool, alarms: bool) -> str:
-    """Insert a feed and return its secret (only its digest is stored)."""
+def create_feed(connection: sqlite3.Connection, username: str, group_uuid: str | None,
+                settings: Mapping[str, object]) -> str:
+    """Insert a feed with ``settings`` (checked as the API checks them) and return its secret (only its
+    digest is stored): the same write as ``POST /v1/feeds``, without the per-user bound (an operator's)."""
+    try:
+        checked = {**FEED_DEFAULTS, **feed_settings(settings)}
+    except HTTPError as error:
+        raise ConfigError(error.message.replace("parameter ", "--").replace("_", "-")) from None
     user_id = _user_id(connection, username)
-    group_id = None
-    if group_uuid is not None:
-        row = None
-        if UUID_PATTERN.fullmatch(group_uuid):
-            row = connection.execute(SQL_GROUP_BY_UUID, {"group": group_uuid.lower(), "user": user_id}).fetchone()
-        if row is None:
-            raise NotFound(f"group not found or not {username}'s: {group_uuid}")
-        group_id = row[0]
-    secret = secrets.token_urlsafe(32)
-    connection.execute(SQL_INSERT_FEED, (user_id, group_id, token_digest(secret), label,
-                                         "busy" if busy else "full", int(alarms)))
+    store = WriteSession(connection)
+    try:
+        group = None
+        if group_uuid is not None:
+            group = store.accessible_group(user_id, uuid=group_uuid.lower()) if UUID_PATTERN.fullmatch(group_uuid) \
+                else None
+            if group is None:
+                raise NotFound(f"group not found or not {username}'s: {group_uuid}")
+        _, secret = store.insert_feed(user_id, None if group is None else group.id, checked)
+        store.commit()
+    finally:
+        store.close()
     return secret
 
 
@@ -2717,22 +3327,25 @@ def _demo_uuid(name: str) -> str:
     return str(uuidlib.uuid5(DEMO_NAMESPACE, name))
 
 
-def create_demo(connection: sqlite3.Connection) -> tuple[str, str]:
-    """The demo data (once), and a fresh token for the demo user: (token, uuid of the demo's Work group)."""
+def create_demo(connection: sqlite3.Connection) -> tuple[str, str, str]:
+    """The demo data (once), a fresh token for the demo user and a fresh demo feed (the previous one is
+    revoked, as the previous token stops working): (token, uuid of the demo's Work group, feed secret)."""
     apply_schema(connection)
     token = secrets.token_urlsafe(20)
-    connection.execute("BEGIN IMMEDIATE")
+    store = WriteSession(connection)
     try:
         row = connection.execute(SQL_USER_ID_BY_NAME, ("demo",)).fetchone()
         if row is None:
             _insert_demo_data(connection, token_digest(token))
+            row = connection.execute(SQL_USER_ID_BY_NAME, ("demo",)).fetchone()
         else:
             connection.execute(SQL_SET_USER_TOKEN, (token_digest(token), row[0]))
-        connection.execute("COMMIT")
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
-    return token, _demo_uuid("group:work")
+        store.revoke_demo_feeds(row[0])
+        _, secret = store.insert_feed(row[0], None, {**FEED_DEFAULTS, "label": "Demo"})
+        store.commit()
+    finally:
+        store.close()
+    return token, _demo_uuid("group:work"), secret
 
 
 def _insert_demo_data(connection: sqlite3.Connection, digest: str) -> None:
@@ -2783,12 +3396,6 @@ def _insert_demo_data(connection: sqlite3.Connection, digest: str) -> None:
             run(SQL_DEMO_GROUP_SLOT, (groups[group], slot))
 
 
-def _feed_urls(base_url: str, secret: str) -> tuple[str, str]:
-    base = base_url.rstrip("/")
-    url = f"{base}/v1/feeds/{secret}.ics"
-    return url, "webcal://" + url.split("://", 1)[1]
-
-
 class _ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line on stderr (exit 2)."""
 
@@ -2828,6 +3435,10 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--label", default="")
     create.add_argument("--busy", action="store_true", help="show only busy times")
     create.add_argument("--no-alarms", action="store_true", help="leave out alarms")
+    create.add_argument("--past-days", type=int, metavar="N", help="show slots from N days before today on "
+                        f"(0-{MAX_WINDOW_DAYS}; default: no bound)")
+    create.add_argument("--future-days", type=int, metavar="N", help="show slots up to N days after today "
+                        f"(0-{MAX_WINDOW_DAYS}; default: no bound)")
     create.add_argument("--base-url", default="http://127.0.0.1:8000")
     listing = feed.add_parser("list", parents=[database], help="list a user's feeds (never their secrets)")
     listing.add_argument("username")
@@ -2877,8 +3488,8 @@ def _command(arguments: argparse.Namespace, config: Config, out) -> int:
             token = create_user(connection, arguments.username)
             print(f"User {arguments.username} created. API token (shown once):\n{token}", file=out)
         elif command == "demo":
-            token, group = create_demo(connection)
-            _print_demo(path, token, group, out)
+            token, group, secret = create_demo(connection)
+            _print_demo(path, token, group, secret, out)
         elif command == "feed":
             _feed_command(connection, arguments, out)
     finally:
@@ -2886,29 +3497,38 @@ def _command(arguments: argparse.Namespace, config: Config, out) -> int:
     return 0
 
 
-def _print_demo(path: str, token: str, group: str, out) -> None:
+def _print_demo(path: str, token: str, group: str, secret: str, out) -> None:
     curl = ('curl "http://127.0.0.1:8000/v1/export/ical" -d \'{data}\' -X POST \\\n'
             '    -H "Content-Type: application/json" -H "Accept: text/plain" \\\n'
             f'    -H "Authorization: Token token={token}"')
+    urls = feed_urls("http://127.0.0.1:8000", secret)
     print(f"Demo database ready: {path}\nUser: demo\nAPI token: {token}\n\n"
           f"Export all the demo user's slots (with `make run` serving):\n{curl.format(data='')}\n\n"
-          f"Export the Work group:\n{curl.format(data=json.dumps({'group': group}))}", file=out)
+          f"Export the Work group:\n{curl.format(data=json.dumps({'group': group}))}\n\n"
+          f"Subscribe to the demo calendar (a feed; this run's replaces the last run's):\n"
+          f"Feed URL: {urls['url']}\nSubscribe page: {urls['page_url']}", file=out)
 
 
 def _feed_command(connection: sqlite3.Connection, arguments: argparse.Namespace, out) -> None:
     if arguments.feed_command == "create":
-        if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", arguments.base_url):
+        if not BASE_URL_PATTERN.fullmatch(arguments.base_url):
             raise ConfigError(f"--base-url must be an http:// or https:// URL, not {arguments.base_url!r}")
-        secret = create_feed(connection, arguments.username, arguments.group, arguments.label,
-                             arguments.busy, not arguments.no_alarms)
-        url, webcal = _feed_urls(arguments.base_url, secret)
-        print(f"Feed created for {arguments.username}. Its URL is shown only now:\n{url}\n{webcal}", file=out)
+        settings = {"label": arguments.label, "details": "busy" if arguments.busy else "full",
+                    "alarms": not arguments.no_alarms, "past_days": arguments.past_days,
+                    "future_days": arguments.future_days}
+        secret = create_feed(connection, arguments.username, arguments.group, settings)
+        urls = feed_urls(arguments.base_url.rstrip("/"), secret)
+        print(f"Feed created for {arguments.username}. Its URLs are shown only now:\n{urls['url']}\n"
+              f"{urls['webcal_url']}\nSubscribe page: {urls['page_url']}", file=out)
     elif arguments.feed_command == "list":
-        rows = connection.execute(SQL_LIST_FEEDS, (_user_id(connection, arguments.username),)).fetchall()
-        print("id\tlabel\tgroup\tkind\tcreated\trevoked", file=out)
-        for feed_id, label, group, details, alarms, created, revoked in rows:
-            kind = details + ("" if alarms else ", no alarms")
-            print(f"{feed_id}\t{_printable(label)}\t{group or 'all'}\t{kind}\t{created}\t{revoked or '-'}", file=out)
+        user_id = _user_id(connection, arguments.username)
+        print("id\tlabel\tgroup\tkind\twindow\tcreated\trevoked", file=out)
+        for row in connection.execute(SQL_FEEDS_OF_USER, {"user": user_id}).fetchall():
+            feed = feed_object(row)
+            kind = feed["details"] + ("" if feed["alarms"] else ", no alarms")
+            print(f"{feed['id']}\t{_printable(feed['label'])}\t{feed['group'] or 'all'}\t{kind}\t"
+                  f"{_window_text(feed['past_days'], feed['future_days'])}\t{feed['created_at']}\t"
+                  f"{feed['revoked_at'] or '-'}", file=out)
     else:
         row = connection.execute(SQL_FEED_EXISTS, (arguments.id,)).fetchone()
         if row is None:

@@ -179,20 +179,24 @@ def test_secret_never_reaches_the_log(client, data, owner, caplog):
     client.get(feed_path(secret))
     client.get(feed_path(secret) + "/", status=404)
     client.get(feed_path(secret.upper()), status=404)
-    client.get("/v1/feeds/" + secret, status=404)
+    client.get("/v1/feeds/" + secret, status=200)                   # the subscribe page
     data.run("UPDATE feeds SET revoked_at = '2020-01-01T00:00:00Z' WHERE id = ?", (feed_id,))
     client.get(feed_path(secret), status=410)
-    assert len(caplog.records) >= 5
+    client.get("/v1/feeds/" + secret, status=410)
+    assert len(caplog.records) >= 6
     assert secret not in caplog.text and secret.upper() not in caplog.text and secret[:20] not in caplog.text
     assert caplog.text.count("/v1/feeds/[secret].ics") >= 3
+    assert caplog.text.count("GET /v1/feeds/[secret] ") == 2
 
 
 # --- the command line -----------------------------------------------------------------------------------------
 
 def created_secret(output):
     lines = output.decode().splitlines()
-    https, webcal = lines[-2], lines[-1]
+    assert len(lines) == 4 and lines[3].startswith("Subscribe page: ")
+    https, webcal, page = lines[1], lines[2], lines[3].split(": ", 1)[1]
     assert urlsplit(https).path == urlsplit(webcal).path and webcal.startswith("webcal://")
+    assert page + ".ics" == https
     return https, webcal, re.search(r"/v1/feeds/([A-Za-z0-9_-]+)\.ics$", urlsplit(https).path).group(1)
 
 
@@ -214,7 +218,7 @@ def test_cli_feed_round_trip(db_path, data, owner):
     feed_id = listing.stdout.decode().splitlines()[1].split("\t")[0]
     assert cli("feed", "revoke", feed_id, "--db", str(db_path)).returncode == 0
     client.get(urlsplit(https).path, status=410)
-    revoked = cli("feed", "list", "owner", "--db", str(db_path)).stdout.decode().splitlines()[1].split("\t")[5]
+    revoked = cli("feed", "list", "owner", "--db", str(db_path)).stdout.decode().splitlines()[1].split("\t")[6]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", revoked)
 
 
