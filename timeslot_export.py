@@ -62,7 +62,7 @@ from wsgiref import simple_server
 
 __all__ = ["Config", "ConfigError", "ExportApp", "HTTPError", "make_app", "application", "main",
            "escape_text", "fold_line", "format_recurrence", "__version__"]
-__version__ = "1.0.0"
+__version__ = "1.2.0"
 
 logger = logging.getLogger("timeslot_export")
 
@@ -1848,13 +1848,13 @@ class Request:
         scheme = environ.get("HTTP_X_FORWARDED_PROTO", "").strip().lower()
         if scheme not in ("http", "https"):
             scheme = "https" if environ.get("wsgi.url_scheme") == "https" else "http"
+        default_port = {"http": ":80", "https": ":443"}[scheme]
         host = environ.get("HTTP_HOST", "")
         if not HOST_PATTERN.fullmatch(host):
             host, port = environ.get("SERVER_NAME", "localhost"), environ.get("SERVER_PORT", "")
-            if not HOST_PATTERN.fullmatch(host):
-                host = "localhost"
-            if port.isdigit() and port != {"http": "80", "https": "443"}[scheme]:
-                host += ":" + port
+            host = (host if HOST_PATTERN.fullmatch(host) else "localhost") + (":" + port if port.isdigit() else "")
+        if host.endswith(default_port):
+            host = host[:-len(default_port)]
         return f"{scheme}://{host}{self.script_path}"
 
     @property
@@ -2190,12 +2190,12 @@ def _csp_hash(source: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode("utf-8")).digest()).decode("ascii") + "'"
 
 
-PAGE_POLICY = (f"default-src 'none'; style-src {_csp_hash(PAGE_STYLE)}; script-src {_csp_hash(PAGE_SCRIPT)}; "
-               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-# What every subscribe page and its 404/410 carry: a click on a client's link must not hand the secret URL
-# to that site (Referer), no search engine may keep it, and no cache may store it.
-PAGE_HEADERS = (("Content-Security-Policy", PAGE_POLICY), ("Referrer-Policy", "no-referrer"),
-                ("X-Robots-Tag", "noindex"), ("Cache-Control", "private, no-store"))
+_BASE_POLICY = f"default-src 'none'; style-src {_csp_hash(PAGE_STYLE)}; base-uri 'none'; form-action 'none'; "
+PAGE_POLICY = _BASE_POLICY + f"frame-ancestors 'none'; script-src {_csp_hash(PAGE_SCRIPT)}"
+ERROR_PAGE_POLICY = _BASE_POLICY + "frame-ancestors 'none'"            # the 404 and 410 pages run no script
+# What every subscribe page and its 404/410 carry besides: a click on a client's link must not hand the
+# secret URL to that site (Referer), no search engine may keep it, and no cache may store it.
+PAGE_HEADERS = (("Referrer-Policy", "no-referrer"), ("X-Robots-Tag", "noindex"), ("Cache-Control", "private, no-store"))
 PAGE_TEMPLATE = """<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -2280,8 +2280,9 @@ def html_page(status: HTTPStatus, title: str, content: str, script: bool = False
     """A page for a person: the template around ``content`` (already escaped), with the page headers."""
     body = PAGE_TEMPLATE.format(title=_html(title), style=PAGE_STYLE, content=content,
                                 script=f"<script>{PAGE_SCRIPT}</script>\n" if script else "").encode("utf-8")
-    return Response(status, [("Content-Type", HTML_TYPE), ("Content-Length", str(len(body))), *PAGE_HEADERS],
-                    [body])
+    policy = PAGE_POLICY if script else ERROR_PAGE_POLICY
+    return Response(status, [("Content-Type", HTML_TYPE), ("Content-Length", str(len(body))),
+                             ("Content-Security-Policy", policy), *PAGE_HEADERS], [body])
 
 
 def subscribe_page(feed: Feed, calendar_name: str, urls: Mapping[str, str]) -> Response:

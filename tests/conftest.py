@@ -69,13 +69,15 @@ class Factory:
             self.db.execute("INSERT INTO slot_alerts (slot_id, minutes_before) VALUES (?, ?)", (slot_id, minutes))
         return slot_id, slot_uuid
 
-    def feed(self, user_id, group_id=None, secret=None, details="full", alarms=1, revoked_at=None):
+    def feed(self, user_id, group_id=None, secret=None, details="full", alarms=1, revoked_at=None, label="",
+             past_days=None, future_days=None):
         """A feed; returns (id, secret)."""
         secret = secret or f"Secret-{next(self._numbers):04d}-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"
         feed_id = self.db.execute(
-            "INSERT INTO feeds (user_id, group_id, token_digest, details, alarms, revoked_at) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (user_id, group_id, hashlib.sha256(secret.encode()).hexdigest(), details, alarms, revoked_at)).lastrowid
+            "INSERT INTO feeds (user_id, group_id, token_digest, details, alarms, revoked_at, label, past_days, "
+            "future_days) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (user_id, group_id, hashlib.sha256(secret.encode()).hexdigest(), details, alarms, revoked_at, label,
+             past_days, future_days)).lastrowid
         return feed_id, secret
 
     def run(self, sql, parameters=()):

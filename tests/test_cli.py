@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import timeslot_export
 from conftest import auth, make_client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,7 +234,7 @@ def test_console_script_is_installed():
     if not script.exists():
         pytest.skip("the package is not installed in this interpreter (make test installs it)")
     result = subprocess.run([str(script), "--version"], capture_output=True, check=True)
-    assert result.stdout.strip() == b"1.0.0"
+    assert result.stdout.strip() == timeslot_export.__version__.encode()
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])

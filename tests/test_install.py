@@ -75,7 +75,7 @@ def test_make_dist_builds_a_wheel_an_sdist_and_a_standard_library_zipapp(tmp_pat
     assert len(names) == 3 and names[0] == "timeslot-export.pyz" and names[1].endswith(".whl")
     with tarfile.open(dist / names[2]) as sdist:
         members = {Path(name).name for name in sdist.getnames()}
-    assert {"timeslot_export.py", "schema.sql", "conftest.py", "rfc5545.py", "schema-1.0.0.sql"} <= members
+    assert {"timeslot_export.py", "schema.sql", "conftest.py", "rfc5545.py", "schema-1.0.0.sql", "schema-1.1.0.sql"} <= members
     with zipfile.ZipFile(dist / names[1]) as wheel:
         assert any(name.endswith("data/share/timeslot-export/schema.sql") for name in wheel.namelist())
     pyz = [sys.executable, "-I", "-S", str(dist / "timeslot-export.pyz")]
