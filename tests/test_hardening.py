@@ -32,9 +32,9 @@ ALLOWED_STATUSES = {200, 204, 304, 400, 401, 404, 405, 410, 413, 415, 422}
 
 
 @contextlib.contextmanager
-def running_server(db_path, threads=16, *options, **env):
-    """`serve` (with ``options``) in a subprocess on a free 127.0.0.1 port; yields (base URL, process);
-    always stopped.
+def running_server(db_path, threads=16, *options, prefix=(), **env):
+    """`serve` (with ``options``, started through the command ``prefix`` if any) in a subprocess on a free
+    127.0.0.1 port; yields (base URL, process); always stopped.
 
     Its log goes to a file, ``process.log`` (a pipe nobody reads would fill and block the server); its
     first line on stdout is ``process.ready_line``."""
@@ -43,9 +43,9 @@ def running_server(db_path, threads=16, *options, **env):
     environment.update({"PYTHONPATH": str(ROOT), **env})
     log = Path(db_path).with_name(f"serve-{port}.log")
     with open(log, "wb") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "timeslot_export", "serve", "--db", str(db_path), "--port",
-                                    str(port), "--threads", str(threads), *options], stdout=subprocess.PIPE,
-                                   stderr=log_file, env=environment)
+        command = [*prefix, sys.executable, "-m", "timeslot_export", "serve", "--db", str(db_path), "--port", str(port),
+                   "--threads", str(threads), *options]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, env=environment)
     process.log = log
     try:
         process.ready_line = process.stdout.readline().decode()
