@@ -262,3 +262,50 @@ def test_cli_revoking_twice_says_so(db_path, data, owner):
     assert cli("feed", "revoke", str(feed_id), "--db", str(db_path)).returncode == 0
     again = cli("feed", "revoke", str(feed_id), "--db", str(db_path))
     assert again.returncode == 0 and b"already revoked" in again.stdout
+
+
+def test_cli_feed_window_is_stored_and_listed(db_path, data, owner):
+    data.db.close()
+    result = cli("feed", "create", "owner", "--past-days", "30", "--future-days", "365", "--db", str(db_path))
+    assert result.returncode == 0
+    _, _, secret = created_secret(result.stdout)
+    listing = cli("feed", "list", "owner", "--db", str(db_path)).stdout.decode().splitlines()
+    assert listing[0].split("\t") == ["id", "label", "group", "kind", "window", "created", "revoked"]
+    assert listing[1].split("\t")[4] == "from 30 days ago to 365 days ahead"
+    assert sqlite3.connect(db_path).execute("SELECT past_days, future_days FROM feeds").fetchone() == (30, 365)
+    assert make_client(db_path).get(feed_path(secret)).status_int == 200
+    cli("feed", "create", "owner", "--db", str(db_path))
+    assert cli("feed", "list", "owner", "--db", str(db_path)).stdout.decode().splitlines()[2].split("\t")[4] == \
+        "every date"
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--past-days", "-1"], "--past-days must be a whole number from 0 to 36600"),
+    (["--future-days", "36601"], "--future-days must be a whole number from 0 to 36600"),
+    (["--label", "two\nlines"], "--label must be a string of at most 200 characters"),
+    (["--label", "x" * 201], "--label must be a string of at most 200 characters"),
+])
+def test_cli_feed_create_refuses_what_the_api_refuses(db_path, data, owner, arguments, message):
+    data.db.close()
+    assert message in one_line_error(cli("feed", "create", "owner", *arguments, "--db", str(db_path)))
+    assert sqlite3.connect(db_path).execute("SELECT count(*) FROM feeds").fetchone()[0] == 0
+
+
+def test_demo_prints_a_working_feed_and_its_page_and_a_rerun_replaces_them(tmp_path):
+    path = str(tmp_path / "demo.sqlite3")
+    pages = []
+    for _ in range(2):
+        output = cli("demo", "--db", path)
+        assert output.returncode == 0
+        lines = output.stdout.decode().splitlines()
+        feed = next(line.split(": ", 1)[1] for line in lines if line.startswith("Feed URL: "))
+        page = next(line.split(": ", 1)[1] for line in lines if line.startswith("Subscribe page: "))
+        assert feed == page + ".ics" and feed.startswith("http://127.0.0.1:8000/v1/feeds/")
+        pages.append(urlsplit(page).path)
+    client = make_client(path)
+    client.get(pages[0], status=410)
+    client.get(pages[0] + ".ics", status=410)
+    assert b"Subscribe in your calendar app" in client.get(pages[1]).body
+    assert client.get(pages[1] + ".ics").body.count(b"BEGIN:VEVENT") == 6
+    active = sqlite3.connect(path).execute("SELECT count(*) FROM feeds WHERE revoked_at IS NULL").fetchone()[0]
+    assert active == 1

@@ -8,6 +8,7 @@ import sqlite3
 import pytest
 
 import timeslot_export
+from conftest import make_client
 
 GOOD_SLOT = {"uuid": "00000000-0000-4000-8000-0000000000aa", "creator_id": 1, "title": "t",
              "start_at": "2019-02-28T10:00:00Z"}
@@ -272,3 +273,78 @@ def test_a_failed_initdb_leaves_the_database_as_it_was(tmp_path, monkeypatch):
         timeslot_export.apply_schema(connection)
     assert not [row for row in connection.execute("SELECT name FROM pragma_table_info('slots') WHERE name = 'time_zone'")]
     assert not connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'slot_exdates'").fetchall()
+
+
+GOOD_FEED = {"user_id": 1, "token_digest": "a" * 64}
+
+
+@pytest.mark.parametrize("column", ["past_days", "future_days"])
+@pytest.mark.parametrize("value", [-1, 36601, 1.5, "thirty", "", b"\x01", 10 ** 12])
+def test_a_feed_window_the_service_cannot_use_is_rejected(db, column, value):
+    with pytest.raises(sqlite3.IntegrityError, match=column):
+        insert(db, "feeds", **{**GOOD_FEED, column: value})
+
+
+@pytest.mark.parametrize("value", [None, 0, 1, 36600])
+def test_feed_windows_from_0_to_36600_days_or_none(db, value):
+    insert(db, "feeds", **GOOD_FEED, past_days=value, future_days=value)
+    assert db.execute("SELECT past_days, future_days FROM feeds").fetchone() == (value, value)
+
+
+def test_a_feed_without_a_window_has_none(db):
+    insert(db, "feeds", **GOOD_FEED)
+    assert db.execute("SELECT past_days, future_days FROM feeds").fetchone() == (None, None)
+
+
+PREVIOUS_SCHEMA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "schema-1.1.0.sql")
+
+
+def test_initdb_brings_a_1_1_database_up_to_date_keeping_every_row_and_its_feeds_show_everything(tmp_path):
+    """A database built by the schema 1.1.0 shipped (time zones, feeds without windows; in tests/data/)."""
+    path = tmp_path / "previous.sqlite3"
+    old = sqlite3.connect(path, isolation_level=None)
+    with open(PREVIOUS_SCHEMA, encoding="utf-8") as schema:
+        old.executescript(schema.read())
+    old.execute("INSERT INTO users (id, uuid, username, token_digest) VALUES "
+                "(1, '00000000-0000-4000-8000-000000000001', 'kept', ?)", (timeslot_export.token_digest("t"),))
+    for number in range(30):
+        old.execute("INSERT INTO slots (uuid, creator_id, title, start_at, time_zone) VALUES (?, 1, ?, ?, ?)",
+                    (f"00000000-0000-4000-8000-{number:012d}", f"slot {number}",
+                     f"{1990 + number}-03-01T10:00:00Z", "Europe/Berlin" if number % 2 else ""))
+    secrets = [f"Kept-Feed-{number:02d}-AbCdEfGhIjKlMnOpQrStUvWxYz0123" for number in range(3)]
+    for number, secret in enumerate(secrets):
+        old.execute("INSERT INTO feeds (user_id, token_digest, label, details, alarms, revoked_at) VALUES "
+                    "(1, ?, ?, ?, ?, ?)", (timeslot_export.token_digest(secret), f"feed {number}",
+                                           "busy" if number == 1 else "full", number % 2,
+                                           "2020-01-01T00:00:00Z" if number == 2 else None))
+    before = {table: old.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
+              for table in ("users", "slots", "feeds", "export_versions")}
+    old.close()
+    with pytest.raises(timeslot_export.DatabaseUnavailable, match="run initdb"):
+        timeslot_export.Database(str(path)).check()
+    for _ in range(2):
+        connection = timeslot_export.connect_for_writing(str(path))
+        timeslot_export.apply_schema(connection)
+        connection.close()
+    db = sqlite3.connect(path, isolation_level=None)
+    after = {table: db.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall() for table in before}
+    assert after["users"] == before["users"] and after["slots"] == before["slots"]
+    assert after["export_versions"] == before["export_versions"]
+    assert [row[:-2] for row in after["feeds"]] == before["feeds"]
+    assert {row[-2:] for row in after["feeds"]} == {(None, None)}             # no window: everything, as before
+    timeslot_export.Database(str(path)).check()
+    client = make_client(path)
+    for number, secret in enumerate(secrets[:2]):
+        body = client.get(f"/v1/feeds/{secret}.ics").body
+        assert body.count(b"BEGIN:VEVENT") == 30
+    client.get(f"/v1/feeds/{secrets[2]}.ics", status=410)
+    listed = client.get("/v1/feeds", headers={"Authorization": "Token token=t"}).json["feeds"]
+    assert [(feed["label"], feed["past_days"], feed["future_days"]) for feed in listed] == \
+           [("feed 0", None, None), ("feed 1", None, None), ("feed 2", None, None)]
+    with pytest.raises(sqlite3.IntegrityError, match="past_days"):
+        db.execute("UPDATE feeds SET past_days = -1 WHERE id = 1")
+    fresh = timeslot_export.connect_for_writing(str(tmp_path / "new.sqlite3"), create=True)
+    timeslot_export.apply_schema(fresh)
+    definitions = "SELECT type, name, sql FROM sqlite_master ORDER BY type, name"
+    assert db.execute(definitions).fetchall() == fresh.execute(definitions).fetchall()
+    assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
