@@ -1,13 +1,18 @@
 """Timeslot export service: a user's calendar entries ("slots") as an RFC 5545 iCalendar file.
 
-One module, standard library only: a WSGI application, an iCalendar writer, read-only data access over
-``sqlite3`` and a command line. The database is described by ``schema.sql`` beside this file.
+One module, standard library only: a WSGI application, an iCalendar writer, data access over ``sqlite3``
+(read-only, but for the ``feeds`` users manage) and a command line. The database is described by
+``schema.sql`` beside this file.
 
 Routes:
     POST|GET|HEAD /v1/export/ical      export the slots the user created (``group``: one group's),
                                        authenticated by ``Authorization: Token token=<token>``
-    OPTIONS /v1/export/ical            CORS preflight
     GET|HEAD /v1/feeds/<secret>.ics    a subscription feed: a secret, revocable read-only URL
+    GET|HEAD /v1/feeds/<secret>        its subscribe page: one link per calendar client
+    GET|POST /v1/feeds                 the user's feeds: list, create (the secret shown once)
+    GET|PATCH|DELETE /v1/feeds/<id>    one of them: read, change, revoke
+    POST /v1/feeds/<id>/reset          revoke it and create one with the same settings
+    OPTIONS on each                    CORS preflight
 
 Run it:
     python -m timeslot_export demo --db demo.sqlite3     # a demo database, its token and a curl command
@@ -15,7 +20,8 @@ Run it:
     gunicorn timeslot_export:application                 # any WSGI server; configured by TIMESLOT_* variables
 
 Configuration (environment, read once): TIMESLOT_DB, TIMESLOT_CORS_ORIGINS, TIMESLOT_REFRESH_MINUTES,
-TIMESLOT_MAX_BODY_BYTES, TIMESLOT_BUSY_TIMEOUT_MS, TIMESLOT_LOG_LEVEL. See README.md.
+TIMESLOT_BASE_URL, TIMESLOT_MAX_FEEDS, TIMESLOT_MAX_BODY_BYTES, TIMESLOT_BUSY_TIMEOUT_MS, TIMESLOT_LOG_LEVEL,
+TIMESLOT_DB_REPLICA. See README.md.
 """
 
 from __future__ import annotations
@@ -700,7 +706,8 @@ class _FollowerGuard:
 
 
 class Database:
-    """Read-only connections to one SQLite file, one kept idle per thread.
+    """Read-only connections to one SQLite file, one kept idle per thread (and, for a feed change only, a
+    read-write connection of its own: write_session).
 
     A thread reuses its connection (a fresh one costs about 500 µs: the schema parsed, the statements
     prepared again); a connection is never used by two requests at once. A connection is dropped, and the
