@@ -215,15 +215,37 @@ def test_a_cancelled_occurrence_is_stored_once(db):
         insert(db, "slot_exdates", slot_id=1, occurrence_at="2019-03-07T10:00:00Z")
 
 
-OLD_SCHEMA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "schema-1.0.0.sql")
+def database_of_release(path, release):
+    """A database file built by schema.sql as ``release`` shipped it (kept in tests/data/); an open connection."""
+    old = sqlite3.connect(path, isolation_level=None)
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", f"schema-{release}.sql"),
+              encoding="utf-8") as schema:
+        old.executescript(schema.read())
+    return old
+
+
+def initdb_twice(path):
+    """`initdb` on the file, twice: the second run must change nothing."""
+    for _ in range(2):
+        connection = timeslot_export.connect_for_writing(str(path))
+        timeslot_export.apply_schema(connection)
+        connection.close()
+
+
+def assert_defined_as_a_new_database(db, tmp_path):
+    """Every table, index and trigger as a database made by this release's schema.sql defines it."""
+    fresh = timeslot_export.connect_for_writing(str(tmp_path / "new.sqlite3"), create=True)
+    timeslot_export.apply_schema(fresh)
+    definitions = "SELECT type, name, sql FROM sqlite_master ORDER BY type, name"
+    assert db.execute(definitions).fetchall() == fresh.execute(definitions).fetchall()
+    assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    fresh.close()
 
 
 def test_initdb_brings_a_database_of_the_first_schema_up_to_date_and_keeps_every_row(tmp_path):
-    """A database file built by schema.sql as release 1.0.0 shipped it (kept in tests/data/)."""
+    """A database of release 1.0.0, before time zones and cancelled occurrences."""
     path = tmp_path / "old.sqlite3"
-    old = sqlite3.connect(path, isolation_level=None)
-    with open(OLD_SCHEMA, encoding="utf-8") as schema:
-        old.executescript(schema.read())
+    old = database_of_release(path, "1.0.0")
     old.execute("INSERT INTO users (id, uuid, username) VALUES (1, '00000000-0000-4000-8000-000000000001', 'kept')")
     for number in range(50):
         old.execute("INSERT INTO slots (uuid, creator_id, title, start_at, rrule) VALUES (?, 1, ?, ?, 'FREQ=DAILY')",
@@ -234,10 +256,7 @@ def test_initdb_brings_a_database_of_the_first_schema_up_to_date_and_keeps_every
     old.close()
     with pytest.raises(timeslot_export.DatabaseUnavailable, match="run initdb"):
         timeslot_export.Database(str(path)).check()          # the service says what to do, no traceback
-    for _ in range(2):                                       # and a second run changes nothing
-        connection = timeslot_export.connect_for_writing(str(path))
-        timeslot_export.apply_schema(connection)
-        connection.close()
+    initdb_twice(path)
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA foreign_keys = ON")
     after = {table: db.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall() for table in before}
@@ -250,20 +269,12 @@ def test_initdb_brings_a_database_of_the_first_schema_up_to_date_and_keeps_every
     db.execute("UPDATE slots SET time_zone = 'Europe/Berlin' WHERE id = 1")
     db.execute("INSERT INTO slot_exdates (slot_id, occurrence_at) VALUES (1, '2019-03-02T10:00:00Z')")
     assert db.execute("SELECT version FROM export_versions").fetchone()[0] > before["export_versions"][0][1] + 2
-    new = tmp_path / "new.sqlite3"
-    fresh = timeslot_export.connect_for_writing(str(new), create=True)
-    timeslot_export.apply_schema(fresh)
-    definitions = "SELECT type, name, sql FROM sqlite_master ORDER BY type, name"
-    assert db.execute(definitions).fetchall() == fresh.execute(definitions).fetchall()
-    assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert_defined_as_a_new_database(db, tmp_path)
 
 
 def test_a_failed_initdb_leaves_the_database_as_it_was(tmp_path, monkeypatch):
     path = tmp_path / "old.sqlite3"
-    old = sqlite3.connect(path, isolation_level=None)
-    with open(OLD_SCHEMA, encoding="utf-8") as schema:
-        old.executescript(schema.read())
-    old.close()
+    database_of_release(path, "1.0.0").close()
     broken = tmp_path / "schema.sql"
     with open(timeslot_export.SCHEMA_PATH, encoding="utf-8") as schema:
         broken.write_text(schema.read() + "\nCREATE TABLE users (id INTEGER);\n")    # fails at the very end
@@ -296,15 +307,10 @@ def test_a_feed_without_a_window_has_none(db):
     assert db.execute("SELECT past_days, future_days FROM feeds").fetchone() == (None, None)
 
 
-PREVIOUS_SCHEMA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "schema-1.1.0.sql")
-
-
 def test_initdb_brings_a_1_1_database_up_to_date_keeping_every_row_and_its_feeds_show_everything(tmp_path):
-    """A database built by the schema 1.1.0 shipped (time zones, feeds without windows; in tests/data/)."""
+    """A database of release 1.1.0: time zones, and feeds without windows."""
     path = tmp_path / "previous.sqlite3"
-    old = sqlite3.connect(path, isolation_level=None)
-    with open(PREVIOUS_SCHEMA, encoding="utf-8") as schema:
-        old.executescript(schema.read())
+    old = database_of_release(path, "1.1.0")
     old.execute("INSERT INTO users (id, uuid, username, token_digest) VALUES "
                 "(1, '00000000-0000-4000-8000-000000000001', 'kept', ?)", (timeslot_export.token_digest("t"),))
     for number in range(30):
@@ -322,10 +328,7 @@ def test_initdb_brings_a_1_1_database_up_to_date_keeping_every_row_and_its_feeds
     old.close()
     with pytest.raises(timeslot_export.DatabaseUnavailable, match="run initdb"):
         timeslot_export.Database(str(path)).check()
-    for _ in range(2):
-        connection = timeslot_export.connect_for_writing(str(path))
-        timeslot_export.apply_schema(connection)
-        connection.close()
+    initdb_twice(path)
     db = sqlite3.connect(path, isolation_level=None)
     after = {table: db.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall() for table in before}
     assert after["users"] == before["users"] and after["slots"] == before["slots"]
@@ -334,7 +337,7 @@ def test_initdb_brings_a_1_1_database_up_to_date_keeping_every_row_and_its_feeds
     assert {row[-2:] for row in after["feeds"]} == {(None, None)}             # no window: everything, as before
     timeslot_export.Database(str(path)).check()
     client = make_client(path)
-    for number, secret in enumerate(secrets[:2]):
+    for secret in secrets[:2]:
         body = client.get(f"/v1/feeds/{secret}.ics").body
         assert body.count(b"BEGIN:VEVENT") == 30
     client.get(f"/v1/feeds/{secrets[2]}.ics", status=410)
@@ -343,8 +346,4 @@ def test_initdb_brings_a_1_1_database_up_to_date_keeping_every_row_and_its_feeds
            [("feed 0", None, None), ("feed 1", None, None), ("feed 2", None, None)]
     with pytest.raises(sqlite3.IntegrityError, match="past_days"):
         db.execute("UPDATE feeds SET past_days = -1 WHERE id = 1")
-    fresh = timeslot_export.connect_for_writing(str(tmp_path / "new.sqlite3"), create=True)
-    timeslot_export.apply_schema(fresh)
-    definitions = "SELECT type, name, sql FROM sqlite_master ORDER BY type, name"
-    assert db.execute(definitions).fetchall() == fresh.execute(definitions).fetchall()
-    assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert_defined_as_a_new_database(db, tmp_path)
