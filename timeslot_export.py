@@ -509,9 +509,10 @@ class Session:
 
 class WriteSession(Session):
     """One short write transaction on a connection of its own, for feed management (SPEC §3): never an
-    export's connection, never kept. BEGIN IMMEDIATE takes the write lock at once (waiting up to the busy
-    timeout, then 503), so a count and the insert it allows are one step however many clients race, and a
-    read-only file or directory is found before anything is written."""
+    export's connection, never kept (none of Session's connection keeping; its queries are shared).
+    BEGIN IMMEDIATE takes the write lock at once (waiting up to the busy timeout, then 503), so a count and
+    the insert it allows are one step however many clients race, and a read-only file or directory is found
+    before anything is written."""
 
     def __init__(self, connection: sqlite3.Connection):
         self._connection = connection
@@ -571,10 +572,10 @@ class WriteSession(Session):
             return
         self._closed = True
         try:
-            if not self._broken or self._connection.in_transaction:
+            if self._connection.in_transaction:
                 self._connection.execute("ROLLBACK")
         except sqlite3.Error:
-            pass
+            pass                                   # closing the connection ends the transaction all the same
         finally:
             self._connection.close()
 
@@ -2194,6 +2195,7 @@ PAGE_SCRIPT = """
 
 
 def _csp_hash(source: str) -> str:
+    """A Content-Security-Policy source that allows exactly this inline style or script."""
     return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode("utf-8")).digest()).decode("ascii") + "'"
 
 
@@ -2202,7 +2204,8 @@ PAGE_POLICY = _BASE_POLICY + f"frame-ancestors 'none'; script-src {_csp_hash(PAG
 ERROR_PAGE_POLICY = _BASE_POLICY + "frame-ancestors 'none'"            # the 404 and 410 pages run no script
 # What every subscribe page and its 404/410 carry besides: a click on a client's link must not hand the
 # secret URL to that site (Referer), no search engine may keep it, and no cache may store it.
-PAGE_HEADERS = (("Referrer-Policy", "no-referrer"), ("X-Robots-Tag", "noindex"), ("Cache-Control", "private, no-store"))
+PAGE_HEADERS = (("Referrer-Policy", "no-referrer"), ("X-Robots-Tag", "noindex"),
+                ("Cache-Control", "private, no-store"))
 PAGE_TEMPLATE = """<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -2224,16 +2227,20 @@ SUBSCRIBE_CONTENT = """<h1>{calendar}</h1>
 {label}<p class="shows">{shows}</p>
 <h2>Subscribe in your calendar app</h2>
 <ul>
-<li><a id="google" href="{google}" rel="noreferrer">Google Calendar<small>Android, and calendar.google.com</small></a></li>
+<li><a id="google" href="{google}" rel="noreferrer">Google Calendar
+    <small>Android, and calendar.google.com</small></a></li>
 <li><a id="apple" href="{webcal}" rel="noreferrer">Apple Calendar<small>iPhone, iPad and Mac</small></a></li>
 <li><a id="outlook" href="{outlook}" rel="noreferrer">Outlook.com<small>Personal Microsoft account</small></a></li>
 <li><a id="office" href="{office}" rel="noreferrer">Microsoft 365<small>Work or school account</small></a></li>
-<li><a id="thunderbird" href="{webcal}" rel="noreferrer">Thunderbird<small>and other apps that open webcal links</small></a></li>
+<li><a id="thunderbird" href="{webcal}" rel="noreferrer">Thunderbird
+    <small>and other apps that open webcal links</small></a></li>
 </ul>
 <h2>Or copy the address</h2>
 <p>Any calendar app that can subscribe to a calendar from the internet takes this address:</p>
-<div class="copy"><input id="url" type="text" readonly value="{url}" aria-label="Calendar address"><button id="copy" type="button" hidden>Copy</button></div>
-<p><a id="download" href="{url}" download="{filename}" rel="noreferrer">Download a copy</a>: a one-time import that does not update.</p>
+<div class="copy"><input id="url" type="text" readonly value="{url}" aria-label="Calendar address">
+<button id="copy" type="button" hidden>Copy</button></div>
+<p><a id="download" href="{url}" download="{filename}" rel="noreferrer">Download a copy</a>:
+a one-time import that does not update.</p>
 <p class="note">Your calendar app checks this address for changes on its own schedule (every few hours for
 Google and Outlook). Anyone who has the address can see this calendar: share it only with people who may,
 and ask for a new link if it got out.</p>"""
@@ -3316,11 +3323,10 @@ def create_feed(connection: sqlite3.Connection, username: str, group_uuid: str |
     store = WriteSession(connection)
     try:
         group = None
-        if group_uuid is not None:
-            group = store.accessible_group(user_id, uuid=group_uuid.lower()) if UUID_PATTERN.fullmatch(group_uuid) \
-                else None
-            if group is None:
-                raise NotFound(f"group not found or not {username}'s: {group_uuid}")
+        if group_uuid is not None and UUID_PATTERN.fullmatch(group_uuid):
+            group = store.accessible_group(user_id, uuid=group_uuid.lower())
+        if group_uuid is not None and group is None:
+            raise NotFound(f"group not found or not {username}'s: {group_uuid}")
         _, secret = store.insert_feed(user_id, None if group is None else group.id, checked)
         store.commit()
     finally:

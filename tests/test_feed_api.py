@@ -402,7 +402,7 @@ def test_at_most_max_feeds_active_feeds(db_path, owner, stranger):
     create(client, owner["token"])
     assert create(client, owner["token"], status=409).json == {"error": "too many feeds"}
     create(client, stranger["token"])                                       # per user
-    reset = client.post(f"{FEEDS}/{first['id']}/reset", headers=auth(owner["token"]), status=201).json   # one out, one in
+    reset = client.post(f"{FEEDS}/{first['id']}/reset", headers=auth(owner["token"]), status=201).json   # 1 out, 1 in
     create(client, owner["token"], status=409)
     client.delete(f"{FEEDS}/{reset['id']}", headers=auth(owner["token"]), status=204)
     create(client, owner["token"])                                          # revoked feeds do not count
@@ -413,7 +413,8 @@ def test_at_most_max_feeds_active_feeds(db_path, owner, stranger):
 
 @pytest.mark.parametrize("method, path, allow", [
     ("PUT", FEEDS, "GET, HEAD, POST, OPTIONS"), ("DELETE", FEEDS, "GET, HEAD, POST, OPTIONS"),
-    ("POST", FEEDS + "/1", "GET, HEAD, PATCH, DELETE, OPTIONS"), ("PUT", FEEDS + "/1", "GET, HEAD, PATCH, DELETE, OPTIONS"),
+    ("POST", FEEDS + "/1", "GET, HEAD, PATCH, DELETE, OPTIONS"),
+    ("PUT", FEEDS + "/1", "GET, HEAD, PATCH, DELETE, OPTIONS"),
     ("GET", FEEDS + "/1/reset", "POST, OPTIONS"), ("DELETE", FEEDS + "/1/reset", "POST, OPTIONS")])
 def test_other_methods_are_405_with_allow(client, owner, method, path, allow):
     response = client.request(path, method=method, headers=auth(owner["token"]), expect_errors=True)

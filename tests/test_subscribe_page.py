@@ -79,10 +79,9 @@ def test_the_page_links_each_client_to_the_urls_the_create_response_gave(db_path
     webcal, url = feed["webcal_url"], feed["url"]
     name = "Team calendar"
     assert page.links["google"]["href"] == "https://calendar.google.com/calendar/render?cid=" + quote(webcal, safe="")
-    assert page.links["outlook"]["href"] == (f"https://outlook.live.com/calendar/0/addfromweb?url={quote(url, safe='')}"
-                                             f"&name={quote(name, safe='')}")
-    assert page.links["office"]["href"] == (f"https://outlook.office.com/calendar/0/addfromweb?url={quote(url, safe='')}"
-                                            f"&name={quote(name, safe='')}")
+    add = f"/calendar/0/addfromweb?url={quote(url, safe='')}&name={quote(name, safe='')}"
+    assert page.links["outlook"]["href"] == "https://outlook.live.com" + add
+    assert page.links["office"]["href"] == "https://outlook.office.com" + add
     assert page.links["apple"]["href"] == webcal and page.links["thunderbird"]["href"] == webcal
     assert page.links["download"]["href"] == url and "download" in page.links["download"]
     assert page.inputs["url"]["value"] == url and "readonly" in page.inputs["url"]
