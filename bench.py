@@ -199,7 +199,7 @@ def export_sql(connection: sqlite3.Connection, token: str) -> None:
     """The SQL statements of a user's export, as the service runs them (one read transaction), nothing else:
     the "same SQL" of the small export row, and the SQL floor under gunicorn. TypeError for an unknown token."""
     connection.execute("BEGIN")
-    user_id, _ = connection.execute(timeslot_export.SQL_USER_BY_TOKEN,
+    user_id, _, _ = connection.execute(timeslot_export.SQL_USER_BY_TOKEN,
                                     (timeslot_export.token_digest(token),)).fetchone()
     connection.execute(timeslot_export.SQL_USER_ZONES, {"user": user_id}).fetchall()
     connection.execute(timeslot_export.SQL_USER_SLOTS, (user_id,)).fetchall()

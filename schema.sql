@@ -278,3 +278,99 @@ CREATE TRIGGER IF NOT EXISTS memberships_delete_version AFTER DELETE ON membersh
     INSERT INTO export_versions (user_id) VALUES (OLD.user_id)
         ON CONFLICT (user_id) DO UPDATE SET version = version + 1;
 END;
+
+-- Last-Modified (SPEC §3 "Success"), added in 1.2.0: `changed` is a per-user clock in whole Unix seconds that
+-- moves whenever `version` does, to max(the current second + 1, its last value + 1), so it is never earlier
+-- than the change it stands for, and two states of a user's data never share a value: a client that
+-- got `Last-Modified: L` and sends `If-Modified-Since: L` names exactly one state, however fast the
+-- changes came (several in one second, a transaction that committed late, a replica that lagged).
+-- Statements that change many rows at once move it once (`changed_step` is the statement's 'now', the
+-- same for every row a single statement changes). Writers set nothing: these triggers do it, from the
+-- database's own clock, never from `updated_at`. An `initdb` on an older database starts every existing
+-- user's clock at that moment.
+ALTER TABLE export_versions ADD COLUMN changed INTEGER;
+ALTER TABLE export_versions ADD COLUMN changed_step REAL;
+CREATE TRIGGER IF NOT EXISTS export_versions_changed_insert AFTER INSERT ON export_versions BEGIN
+    UPDATE export_versions
+        SET changed = CASE WHEN changed_step IS julianday('now') THEN changed
+                           ELSE max(coalesce(changed, 0) + 1, CAST(strftime('%s', 'now') AS INTEGER) + 1) END,
+            changed_step = julianday('now')
+        WHERE user_id = NEW.user_id;
+END;
+CREATE TRIGGER IF NOT EXISTS export_versions_changed_update AFTER UPDATE OF version ON export_versions BEGIN
+    UPDATE export_versions
+        SET changed = CASE WHEN changed_step IS julianday('now') THEN changed
+                           ELSE max(coalesce(changed, 0) + 1, CAST(strftime('%s', 'now') AS INTEGER) + 1) END,
+            changed_step = julianday('now')
+        WHERE user_id = NEW.user_id;
+END;
+UPDATE export_versions SET changed = CAST(strftime('%s', 'now') AS INTEGER) + 1 WHERE changed IS NULL;
+-- A feed's details, alarms and window show in its calendar: a change of them is a change of its user's data.
+CREATE TRIGGER IF NOT EXISTS feeds_update_version AFTER UPDATE OF details, alarms, past_days, future_days ON feeds
+    WHEN OLD.details IS NOT NEW.details OR OLD.alarms IS NOT NEW.alarms OR OLD.past_days IS NOT NEW.past_days
+         OR OLD.future_days IS NOT NEW.future_days
+BEGIN
+    INSERT INTO export_versions (user_id) VALUES (NEW.user_id)
+        ON CONFLICT (user_id) DO UPDATE SET version = version + 1;
+END;
+
+-- Date windows (SPEC §3 "from", "to"; a feed's past_days and future_days), added in 1.2.0: the span of time
+-- each slot can occupy, kept by triggers, so that a window of a long history is an index search. A span
+-- runs from the slot's start (an all-day slot's date at 00:00Z) to the end of its last possible occurrence:
+-- the end of the slot itself, or for a slot with a rule, its UNTIL's date plus two days (whatever the zone
+-- the UNTIL is read in) plus the slot's duration, and '9999-12-31T23:59:59Z' for a rule without UNTIL.
+-- The span is a bound, never exact: which slots a window selects is decided by the service from the rows
+-- an index search finds. `span_class` sorts spans by length (at most 1, 8, 64, 512 days, or longer), so that
+-- each class is one range of `span_start`: a 30-day window of a 20-year history reads about the slots in it.
+CREATE TABLE IF NOT EXISTS slot_spans (
+    slot_id    INTEGER PRIMARY KEY,
+    creator_id INTEGER NOT NULL,
+    span_class INTEGER NOT NULL,
+    span_start TEXT NOT NULL,
+    span_end   TEXT NOT NULL,
+    zoned      INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS slot_spans_start ON slot_spans (creator_id, span_class, span_start, span_end, zoned);
+CREATE INDEX IF NOT EXISTS slot_spans_end ON slot_spans (creator_id, span_end, span_start, zoned) WHERE span_class = 4;
+CREATE VIEW IF NOT EXISTS slot_span_values AS
+    SELECT slot_id, creator_id,
+           CASE WHEN days <= 1 THEN 0 WHEN days <= 8 THEN 1 WHEN days <= 64 THEN 2 WHEN days <= 512 THEN 3 ELSE 4 END
+               AS span_class,
+           span_start, span_end, zoned
+    FROM (SELECT slot_id, creator_id, span_start, span_end, zoned,
+                 julianday(span_end) - julianday(span_start) AS days
+          FROM (SELECT slot_id, creator_id, span_start, zoned,
+                       coalesce(CASE WHEN rrule = '' THEN occurrence_end
+                                     WHEN until IS NULL THEN NULL
+                                     ELSE strftime('%Y-%m-%dT%H:%M:%SZ', julianday(until) + 2
+                                                   + julianday(occurrence_end) - julianday(span_start)) END,
+                                '9999-12-31T23:59:59Z') AS span_end
+                FROM (SELECT s.id AS slot_id, s.creator_id, s.rrule,
+                             s.all_day = 0 AND s.time_zone <> '' AS zoned,
+                             CASE WHEN s.all_day THEN date(s.start_at) || 'T00:00:00Z' ELSE s.start_at END
+                                 AS span_start,
+                             CASE WHEN s.all_day
+                                  THEN coalesce(date(coalesce(s.end_at, s.start_at), '+1 day') || 'T00:00:00Z',
+                                                '9999-12-31T23:59:59Z')
+                                  ELSE coalesce(s.end_at, s.start_at) END AS occurrence_end,
+                             CASE WHEN instr(upper(s.rrule), 'UNTIL=') > 0
+                                  THEN substr(upper(s.rrule), instr(upper(s.rrule), 'UNTIL=') + 6, 4) || '-'
+                                       || substr(upper(s.rrule), instr(upper(s.rrule), 'UNTIL=') + 10, 2) || '-'
+                                       || substr(upper(s.rrule), instr(upper(s.rrule), 'UNTIL=') + 12, 2) END
+                                 AS until
+                      FROM slots s)));
+CREATE TRIGGER IF NOT EXISTS slots_insert_span AFTER INSERT ON slots BEGIN
+    DELETE FROM slot_spans WHERE slot_id = NEW.id;
+    INSERT INTO slot_spans SELECT * FROM slot_span_values WHERE slot_id = NEW.id;
+END;
+CREATE TRIGGER IF NOT EXISTS slots_update_span AFTER UPDATE ON slots BEGIN
+    DELETE FROM slot_spans WHERE slot_id IN (OLD.id, NEW.id);
+    INSERT INTO slot_spans SELECT * FROM slot_span_values WHERE slot_id = NEW.id;
+END;
+CREATE TRIGGER IF NOT EXISTS slots_delete_span AFTER DELETE ON slots BEGIN
+    DELETE FROM slot_spans WHERE slot_id = OLD.id;
+END;
+-- An older database's slots get their spans when `initdb` brings it up to date (and any left without a
+-- slot go).
+INSERT OR IGNORE INTO slot_spans SELECT * FROM slot_span_values;
+DELETE FROM slot_spans WHERE slot_id NOT IN (SELECT id FROM slots);

@@ -39,6 +39,7 @@ import html
 import itertools
 import json
 import logging
+import math
 import os
 import queue
 import random
@@ -65,6 +66,7 @@ except ImportError:                                   # pragma: no cover (Window
 from http import HTTPStatus
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 from wsgiref import simple_server
+from wsgiref.handlers import format_date_time
 
 __all__ = ["Config", "ConfigError", "ExportApp", "HTTPError", "make_app", "application", "main",
            "escape_text", "fold_line", "format_recurrence", "__version__"]
@@ -129,11 +131,14 @@ _SLOT_COLUMNS = """
     CASE WHEN s.rrule <> '' THEN (SELECT group_concat(replace(replace(e.occurrence_at, '-', ''), ':', ''))
                                   FROM slot_exdates e WHERE e.slot_id = s.id) END"""
 
+# A user with what their exports' validators follow: the version (ETag) and the change clock (Last-Modified).
 SQL_USER_BY_TOKEN = """
-    SELECT u.id, coalesce(v.version, -1) FROM users u LEFT JOIN export_versions v ON v.user_id = u.id
+    SELECT u.id, coalesce(v.version, -1), coalesce(v.changed, 0)
+    FROM users u LEFT JOIN export_versions v ON v.user_id = u.id
     WHERE u.token_digest = ? AND u.deleted_at IS NULL"""
 SQL_USER_BY_NAME = """
-    SELECT u.id, coalesce(v.version, -1) FROM users u LEFT JOIN export_versions v ON v.user_id = u.id
+    SELECT u.id, coalesce(v.version, -1), coalesce(v.changed, 0)
+    FROM users u LEFT JOIN export_versions v ON v.user_id = u.id
     WHERE u.username = ? AND u.deleted_at IS NULL"""
 _GROUP_ACCESS = """
     AND g.deleted_at IS NULL
@@ -167,15 +172,51 @@ SQL_GROUP_ZONES = f"""
     FROM group_slots gs JOIN slots s ON s.id = gs.slot_id
     WHERE gs.group_id = :group AND gs.deleted_at IS NULL AND {_ZONED}
     GROUP BY s.time_zone"""
+# A date window (SPEC §3 "from", "to") is an index search of slot_spans, which schema.sql keeps: each class
+# of span length is one range of span_start (a span of class c is at most SPAN_CLASS_DAYS[c] days long), the
+# longest spans (open-ended series among them) one range of span_end. What it finds is a superset of what the
+# window selects: a span is a bound (a rule's UNTIL is not read in its zone here); in_window decides.
+SPAN_CLASS_DAYS = (1, 8, 64, 512)
+
+
+def _window_candidates(extra: str = "") -> str:
+    ranges = [f"""
+        SELECT slot_id FROM slot_spans INDEXED BY slot_spans_start
+        WHERE creator_id = :user AND span_class = {number} AND span_start >= :from{number} AND span_start < :to
+              AND span_end >= :from{extra}""" for number in range(len(SPAN_CLASS_DAYS))]
+    ranges.append(f"""
+        SELECT slot_id FROM slot_spans INDEXED BY slot_spans_end
+        WHERE creator_id = :user AND span_class = {len(SPAN_CLASS_DAYS)} AND span_end >= :from
+              AND span_start < :to{extra}""")
+    return "WITH candidates (id) AS (" + "\n        UNION ALL".join(ranges) + ")\n"
+
+
+_IN_GROUP = " JOIN group_slots gs ON gs.slot_id = s.id AND gs.group_id = :group AND gs.deleted_at IS NULL"
+_WINDOW_SLOTS = "SELECT" + _SLOT_COLUMNS + """
+    FROM candidates c JOIN slots s ON s.id = c.id{group} LEFT JOIN locations l ON l.id = s.location_id
+    WHERE s.creator_id = :user AND s.deleted_at IS NULL
+    ORDER BY s.start_at, s.uuid"""
+SQL_USER_WINDOW_SLOTS = _window_candidates() + _WINDOW_SLOTS.format(group="")
+SQL_GROUP_WINDOW_SLOTS = _window_candidates() + _WINDOW_SLOTS.format(group=_IN_GROUP)
+# The zoned slots among a window's candidates, for its VTIMEZONEs (in_window picks those it selects).
+_WINDOW_ZONED = """SELECT s.time_zone, replace(replace(s.start_at, '-', ''), ':', ''),
+           replace(replace(s.end_at, '-', ''), ':', ''), s.rrule
+    FROM candidates c JOIN slots s ON s.id = c.id{group}
+    WHERE s.creator_id = :user AND s.deleted_at IS NULL AND s.all_day = 0 AND s.time_zone <> ''"""
+SQL_USER_WINDOW_ZONED = _window_candidates(" AND zoned = 1") + _WINDOW_ZONED.format(group="")
+SQL_GROUP_WINDOW_ZONED = _window_candidates(" AND zoned = 1") + _WINDOW_ZONED.format(group=_IN_GROUP)
 SQL_FEED_BY_DIGEST = """
     SELECT f.id, f.user_id, f.group_id, f.details, f.alarms, f.revoked_at IS NOT NULL,
-           u.deleted_at IS NOT NULL, coalesce(v.version, -1), CAST(f.label AS BLOB), f.past_days, f.future_days
+           u.deleted_at IS NOT NULL, coalesce(v.version, -1), CAST(f.label AS BLOB), f.past_days, f.future_days,
+           coalesce(v.changed, 0)
     FROM feeds f JOIN users u ON u.id = f.user_id LEFT JOIN export_versions v ON v.user_id = f.user_id
     WHERE f.token_digest = ?"""
 SQL_SCHEMA_CURRENT = """
     SELECT (SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('users', 'slots', 'slot_exdates')) = 3
        AND EXISTS (SELECT 1 FROM pragma_table_info('slots') WHERE name = 'time_zone')
-       AND EXISTS (SELECT 1 FROM pragma_table_info('feeds') WHERE name = 'future_days')"""
+       AND EXISTS (SELECT 1 FROM pragma_table_info('feeds') WHERE name = 'future_days')
+       AND EXISTS (SELECT 1 FROM pragma_table_info('export_versions') WHERE name = 'changed')
+       AND EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'slot_spans')"""
 SQL_TABLE_COLUMNS = "SELECT * FROM pragma_table_info(?)"
 
 # A user's feeds as the management API shows them (SPEC §3 "Managing feeds"), and as `feed list` prints them.
@@ -300,6 +341,9 @@ class Config:
     max_feeds: int = MAX_FEEDS
     # Where the service is reached from outside, for the URLs of new feeds; '' = the request's own address.
     base_url: str = ""
+    # Seconds since 1970 now: what today's date is for a feed's window, and what a Last-Modified must not
+    # be later than. Tests pass their own.
+    clock: Callable[[], float] = dataclasses.field(default=time.time, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.db_path, str) or not self.db_path:
@@ -362,6 +406,41 @@ class Group:
     name: str
 
 
+# Bounds beyond every timestamp, for a side of a window without one (timestamps sort as text).
+BEFORE_ALL, AFTER_ALL = "0000-01-01T00:00:00Z", "9999-12-32"
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """A date window [start, end) (SPEC §3 "from", "to"): UTC instants as 'YYYY-MM-DDTHH:MM:SSZ', None for
+    no bound on that side."""
+
+    start: str | None = None
+    end: str | None = None
+
+    @property
+    def key(self) -> str:
+        """What the validators follow: the same data in another window is another calendar."""
+        return f"{self.start or ''}/{self.end or ''}"
+
+    def search(self) -> dict[str, str]:
+        """The bounds of slot_spans' index search: each class of span length starts its range that many
+        days before the window, since a span that long can begin that early and still reach into it."""
+        start = self.start or BEFORE_ALL
+        bounds = {"from": start, "to": self.end or AFTER_ALL}
+        for number, days in enumerate(SPAN_CLASS_DAYS):
+            bounds[f"from{number}"] = _days_before(start, days)
+        return bounds
+
+
+def _days_before(instant: str, days: int) -> str:
+    try:
+        moment = datetime.datetime.strptime(instant, "%Y-%m-%dT%H:%M:%SZ") - datetime.timedelta(days=days)
+    except (ValueError, OverflowError):
+        return BEFORE_ALL
+    return f"{moment.year:04d}-{moment:%m-%dT%H:%M:%SZ}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Feed:
     """A feed as its secret URL finds it: what the calendar shows, and its user's state."""
@@ -377,6 +456,7 @@ class Feed:
     label: str = ""
     past_days: int | None = None
     future_days: int | None = None
+    changed: int = 0
 
 
 def feed_object(row: tuple) -> dict:
@@ -421,12 +501,12 @@ class Session:
         rows = self._rows(sql, parameters)
         return rows[0] if rows else None
 
-    def user_by_token_digest(self, digest: str) -> tuple[int, int] | None:
-        """(user id, export version) of the non-deleted user with this token digest."""
+    def user_by_token_digest(self, digest: str) -> tuple[int, int, int] | None:
+        """(user id, export version, change clock) of the non-deleted user with this token digest."""
         return self._one(SQL_USER_BY_TOKEN, (digest,))
 
-    def user_by_name(self, username: str) -> tuple[int, int] | None:
-        """(user id, export version) of the non-deleted user with this name."""
+    def user_by_name(self, username: str) -> tuple[int, int, int] | None:
+        """(user id, export version, change clock) of the non-deleted user with this name."""
         return self._one(SQL_USER_BY_NAME, (username,))
 
     def accessible_group(self, user_id: int, *, uuid: str | None = None, group_id: int | None = None
@@ -444,7 +524,7 @@ class Session:
         if row is None:
             return None
         return Feed(row[0], row[1], row[2], row[3] == "busy", bool(row[4]), bool(row[5]), bool(row[6]), row[7],
-                    _decode(row[8]), row[9], row[10])
+                    _decode(row[8]), row[9], row[10], row[11])
 
     def feeds_of_user(self, user_id: int) -> list[dict]:
         """The user's feeds, revoked ones included, by id, as feed objects."""
@@ -455,12 +535,17 @@ class Session:
         row = self._one(SQL_FEED_OF_USER, {"user": user_id, "feed": feed_id})
         return None if row is None else feed_object(row)
 
-    def slot_batches(self, user_id: int, group_id: int | None, size: int = 256) -> Iterator[list[tuple]]:
-        """The user's slots (of one group, or all) in (start_at, uuid) order, as lists of rows.
+    def slot_batches(self, user_id: int, group_id: int | None, window: Window | None = None,
+                     size: int = 256) -> Iterator[list[tuple]]:
+        """The user's slots (of one group, or all) in (start_at, uuid) order, as lists of rows; with a
+        window, those its index search finds (a superset of what it selects).
 
         Batches keep the per-row cost low; the statement is prepared once per connection (sqlite3's
         statement cache) and the cursor is closed when the iterator is, even half read."""
-        if group_id is None:
+        if window is not None:
+            sql = SQL_USER_WINDOW_SLOTS if group_id is None else SQL_GROUP_WINDOW_SLOTS
+            cursor = self._run(sql, {**window.search(), "user": user_id, "group": group_id})
+        elif group_id is None:
             cursor = self._run(SQL_USER_SLOTS, (user_id,))
         else:
             cursor = self._run(SQL_GROUP_SLOTS, (group_id, user_id))
@@ -480,6 +565,11 @@ class Session:
         """(zone name, earliest start in basic form) of the timed slots an export writes, by name."""
         sql = SQL_USER_ZONES if group_id is None else SQL_GROUP_ZONES
         return sorted(self._rows(sql, {"user": user_id, "group": group_id}))
+
+    def window_zoned_slots(self, user_id: int, group_id: int | None, window: Window) -> list[tuple]:
+        """(zone name, start, end, rule) of the zoned timed slots a window's index search finds."""
+        sql = SQL_USER_WINDOW_ZONED if group_id is None else SQL_GROUP_WINDOW_ZONED
+        return self._rows(sql, {**window.search(), "user": user_id, "group": group_id})
 
     def start_reading(self) -> None:
         """Take the read lock now (BEGIN defers it to the first read)."""
@@ -1174,6 +1264,7 @@ class TimeZone:
     def __init__(self, name: str, data: bytes):
         self.name = name
         self.fingerprint = hashlib.sha256(data).hexdigest()[:16]
+        self.changed = 0                                   # when its file changed (Last-Modified follows it)
         transitions, types, footer = read_tzif(data)
         rule = footer_rule(footer)
         self.rule = rule if isinstance(rule, PosixRule) else None
@@ -1330,20 +1421,34 @@ def _observance(change: Change, start: str, recurrence: str) -> str:
             f"TZOFFSETTO:{_utc_offset_text(change.offset_to)}\r\n{name}{recurrence}END:{change.kind}\r\n")
 
 
-def _zone_file(name: str) -> bytes | None:
-    """A zone's TZif bytes, found where zoneinfo finds them: the TZPATH folders (the system's zoneinfo
-    files, PYTHONTZPATH), then the ``tzdata`` package when it is installed."""
+def _zone_file(name: str) -> tuple[bytes, int] | None:
+    """A zone's TZif bytes and when the file last changed (its ctime, rounded up: an update of the time zone
+    data rewrites it), found where zoneinfo finds them: the TZPATH folders (the system's zoneinfo files,
+    PYTHONTZPATH), then the ``tzdata`` package when it is installed."""
     for folder in zoneinfo.TZPATH:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             with open(path, "rb") as file:
-                return file.read()
+                return file.read(), math.ceil(os.fstat(file.fileno()).st_ctime)
     package, _, leaf = ("tzdata/zoneinfo/" + name).rpartition("/")
     try:
         import importlib.resources                 # only when the system's folders lack the zone
-        return importlib.resources.files(package.replace("/", ".")).joinpath(leaf).read_bytes()
+        resource = importlib.resources.files(package.replace("/", ".")).joinpath(leaf)
+        data = resource.read_bytes()
     except (ImportError, OSError):
         return None
+    try:
+        return data, math.ceil(os.stat(resource).st_ctime)
+    except (OSError, TypeError):                   # inside an archive: the archive's own time
+        return data, _changed_at(getattr(sys.modules.get("tzdata"), "__file__", None))
+
+
+def _changed_at(path: str | None) -> int:
+    """The ctime of a file, rounded up to a whole second; 0 when it cannot be read."""
+    try:
+        return math.ceil(os.stat(path).st_ctime) if path else 0
+    except OSError:
+        return 0
 
 
 _zones: dict[str, "TimeZone | None"] = {}
@@ -1363,17 +1468,20 @@ def time_zone(name: str) -> TimeZone | None:
 
 
 def _load_time_zone(name: str) -> TimeZone | None:
-    data = _zone_file(name) if ZONE_NAME_PATTERN.fullmatch(name) else None
-    if data is None:
+    found = _zone_file(name) if ZONE_NAME_PATTERN.fullmatch(name) else None
+    if found is None:
         logger.warning("time zone %r is not in this machine's time zone database: its slots are written in UTC "
                        "(install the tzdata package to add the database)", name)
         return None
+    data, changed = found
     try:
-        return TimeZone(name, data)
+        zone = TimeZone(name, data)
     except (ValueError, IndexError, struct.error, UnicodeDecodeError) as error:
         logger.warning("time zone %r cannot be read from the time zone database (%s): its slots are written "
                        "in UTC", name, error)
         return None
+    zone.changed = changed
+    return zone
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1641,6 +1749,7 @@ class CalendarZones:
     by_name: Mapping[str, TimeZone] = dataclasses.field(default_factory=dict)
     components: str = ""
     fingerprint: str = ""
+    changed: int = 0                                       # when the newest of their files changed
 
     @classmethod
     def of(cls, starts: Sequence[tuple[str, str]]) -> "CalendarZones":
@@ -1655,7 +1764,8 @@ class CalendarZones:
             if zone is not None:
                 by_name[name] = zone
                 components.append(zone.vtimezone(utc_seconds(earliest)))
-        return cls(by_name, "".join(components), ";".join(fingerprint))
+        return cls(by_name, "".join(components), ";".join(fingerprint),
+                   max((zone.changed for zone in by_name.values()), default=0))
 
 
 NO_ZONES = CalendarZones()
@@ -1746,17 +1856,76 @@ def write_event(row: tuple, style: CalendarStyle, zones: Mapping[str, TimeZone] 
     return event + "END:VEVENT\r\n"
 
 
-def calendar_zones(session: Session, user_id: int, group: Group | None) -> CalendarZones:
-    """The time zones of the calendar export_calendar writes (one indexed query, no pass over the slots)."""
-    return CalendarZones.of(session.time_zone_starts(user_id, group.id if group else None))
+def _basic_seconds(instant: str | None, default: float) -> float:
+    """Seconds since 1970 of a window bound ('YYYY-MM-DDTHH:MM:SSZ'), or ``default`` for no bound."""
+    if instant is None:
+        return default
+    return utc_seconds(instant.replace("-", "").replace(":", ""))
+
+
+_UNTIL = re.compile(r"UNTIL=([0-9]{8})(?:T([0-9]{6})Z)?")
+
+
+def in_window(start: str, end: str | None, all_day: int, rule: str, zone_name: str, window: Window) -> bool:
+    """Whether a window selects a slot (SPEC §3 "from", "to"; times in basic form, as the slot queries give
+    them). A slot occupies [start, end): an all-day slot its dates from 00:00Z, an instant its start alone.
+    A slot whose rule is written is selected unless its first occurrence starts at or after the window's
+    end, or its last possible occurrence (from UNTIL, read as the writer reads it, in the slot's zone) ends
+    before the window starts; a series that ends by COUNT is selected from its start on (SPEC: MAY)."""
+    since, until = _basic_seconds(window.start, -math.inf), _basic_seconds(window.end, math.inf)
+    if all_day:
+        first = _day_number(start[:8]) * 86400
+        first_end = (_day_number((end or start)[:8]) + 1) * 86400
+    else:
+        first = utc_seconds(start)
+        first_end = utc_seconds(end) if end else first
+    duration = first_end - first
+    zone = None                                  # the zone the writer reads the rule in: DTSTART's (write_event)
+    if not all_day and zone_name and rule:
+        zone = _date_time("DTSTART", start, time_zone(zone_name))[1]
+    written, _ = format_recurrence(rule, bool(all_day), zone)
+    if not written:
+        return first < until and (first_end > since or (duration == 0 and first >= since))
+    if first >= until:
+        return False
+    last = _UNTIL.search(written.replace("\r\n ", ""))
+    if last is None:
+        return True
+    last_start = _day_number(last.group(1)) * 86400 if all_day else utc_seconds(last.group(0)[6:])
+    return last_start + duration > since or (duration == 0 and last_start >= since)
+
+
+def _selected(batches: Iterator[list[tuple]], window: Window) -> Iterator[list[tuple]]:
+    """The rows of each batch that the window selects (the index search found a superset)."""
+    try:
+        for batch in batches:
+            yield [row for row in batch if in_window(row[3], row[4], row[5], row[6], row[18], window)]
+    finally:
+        batches.close()
+
+
+def calendar_zones(session: Session, user_id: int, group: Group | None, window: Window | None = None
+                   ) -> CalendarZones:
+    """The time zones of the calendar export_calendar writes (one indexed query, no pass over the slots;
+    with a window, the zoned slots it selects, which its index search finds)."""
+    group_id = group.id if group else None
+    if window is None:
+        return CalendarZones.of(session.time_zone_starts(user_id, group_id))
+    earliest: dict[str, str] = {}
+    for zone_name, start, end, rule in session.window_zoned_slots(user_id, group_id, window):
+        if start < earliest.get(zone_name, "A") and in_window(start, end, 0, rule, zone_name, window):
+            earliest[zone_name] = start
+    return CalendarZones.of(sorted(earliest.items()))
 
 
 def export_calendar(session: Session, user_id: int, group: Group | None, style: CalendarStyle,
-                    zones: CalendarZones | None = None) -> Iterator[bytes]:
-    """The one calendar the API, the feeds and the CLI export: the user's slots, all or one group's."""
+                    zones: CalendarZones | None = None, window: Window | None = None) -> Iterator[bytes]:
+    """The one calendar the API, the feeds and the CLI export: the user's slots, all or one group's, all
+    or those a date window selects."""
     if zones is None:
-        zones = calendar_zones(session, user_id, group)
-    return write_calendar(session.slot_batches(user_id, group.id if group else None), style, zones)
+        zones = calendar_zones(session, user_id, group, window)
+    batches = session.slot_batches(user_id, group.id if group else None, window)
+    return write_calendar(batches if window is None else _selected(batches, window), style, zones)
 
 
 def write_calendar(batches: Iterable[list[tuple]], style: CalendarStyle,
@@ -1952,6 +2121,53 @@ def etag_matches(if_none_match: str, etag: str) -> bool:
     return False
 
 
+_MONTH_NUMBERS = {name: number for number, name in enumerate(calendar.month_abbr) if name}
+_DAY = "(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
+_MONTH = "(" + "|".join(_MONTH_NUMBERS) + ")"
+_TIME = "([0-9]{2}):([0-9]{2}):([0-9]{2})"
+# RFC 9110 §5.6.7: IMF-fixdate, and the obsolete RFC 850 and asctime forms a recipient must accept too.
+_IMF_FIXDATE = re.compile(_DAY + r", ([0-9]{2}) " + _MONTH + r" ([0-9]{4}) " + _TIME + " GMT")
+_RFC850_DATE = re.compile(r"(?:Mon|Tues|Wednes|Thurs|Fri|Satur|Sun)day, ([0-9]{2})-" + _MONTH + r"-([0-9]{2}) "
+                          + _TIME + " GMT")
+_ASCTIME_DATE = re.compile(_DAY + " " + _MONTH + r" ([ 0-9][0-9]) " + _TIME + r" ([0-9]{4})")
+
+
+def parse_http_date(text: str, now: float) -> int | None:
+    """An HTTP-date in seconds since 1970, or None for anything else (RFC 9110 §5.6.7). A two-digit year
+    more than 50 years ahead is the most recent past year with those digits."""
+    text = text.strip()
+    match = _IMF_FIXDATE.fullmatch(text)
+    if match:
+        day, month, year, *clock = match.groups()
+    elif _RFC850_DATE.fullmatch(text):
+        day, month, short_year, *clock = _RFC850_DATE.fullmatch(text).groups()
+        year = 2000 + int(short_year)
+        if year > time.gmtime(now).tm_year + 50:
+            year -= 100
+    elif _ASCTIME_DATE.fullmatch(text):
+        month, day, *clock, year = _ASCTIME_DATE.fullmatch(text).groups()
+    else:
+        return None
+    try:
+        moment = datetime.datetime(int(year), _MONTH_NUMBERS[month], int(day), *map(int, clock))
+    except ValueError:
+        return None
+    return calendar.timegm(moment.timetuple())
+
+
+def not_modified(request: Request, etag: str, last_modified: int | None, now: float) -> bool:
+    """RFC 9110 §13.2.2 for GET and HEAD: If-None-Match decides when it is sent; otherwise an
+    If-Modified-Since that is a valid date, not in the future, and not earlier than the Last-Modified the
+    response carries (none: no 304 by date)."""
+    if_none_match = request.header("If-None-Match")
+    if if_none_match:
+        return etag_matches(if_none_match, etag)
+    if last_modified is None:
+        return False
+    since = parse_http_date(request.header("If-Modified-Since"), now)
+    return since is not None and last_modified <= since <= now
+
+
 def _prebuffer(chunks: Iterator[bytes], limit: int) -> tuple[list[bytes], bool]:
     """Read pieces until ``limit`` bytes or the end; True when the end was reached (length known)."""
     buffered, size = [], 0
@@ -2070,6 +2286,34 @@ def group_parameter(request: Request, limit: int) -> str | None:
     return group_value(request_parameters(request, limit, ("group",)).get("group"))
 
 
+_WINDOW_BOUND = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})(?:T([0-9]{2}):([0-9]{2}):([0-9]{2})Z)?")
+
+
+def window_bound(name: str, value: object) -> str | None:
+    """``from`` or ``to``: a date (that day at 00:00:00Z) or a UTC timestamp, as 'YYYY-MM-DDTHH:MM:SSZ';
+    None for no bound (absent, null or "")."""
+    if value is None or value == "":
+        return None
+    match = _WINDOW_BOUND.fullmatch(value) if isinstance(value, str) else None
+    try:
+        numbers = [int(part or 0) for part in match.groups()] if match else None
+        if numbers is None or numbers[0] < 1:
+            raise ValueError(value)
+        moment = datetime.datetime(*numbers)
+    except ValueError:
+        raise _invalid(f"parameter {name} must be a date (YYYY-MM-DD) or a UTC time (YYYY-MM-DDTHH:MM:SSZ) "
+                       f"from year 0001 to 9999") from None
+    return f"{moment.year:04d}-{moment:%m-%dT%H:%M:%SZ}"
+
+
+def window_value(parameters: Mapping[str, object]) -> Window | None:
+    """The date window of ``from`` and ``to`` (None for neither); ``to`` must be later than ``from``."""
+    start, end = window_bound("from", parameters.get("from")), window_bound("to", parameters.get("to"))
+    if start is not None and end is not None and end <= start:
+        raise _invalid("parameter to must be later than parameter from")
+    return None if start is None and end is None else Window(start, end)
+
+
 _CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")    # and lone surrogates (not text)
 
 
@@ -2131,8 +2375,9 @@ def _unauthorized() -> HTTPError:
                      [("WWW-Authenticate", 'Token realm="Application"')])
 
 
-def authenticate(session: Session, authorization: str) -> tuple[int, int]:
-    """(user id, export version) for the Authorization header, or 401. The token is only ever hashed."""
+def authenticate(session: Session, authorization: str) -> tuple[int, int, int]:
+    """(user id, export version, change clock) for the Authorization header, or 401. The token is only ever
+    hashed."""
     match = _AUTHORIZATION.fullmatch(authorization)
     if match is None:
         raise _unauthorized()
@@ -2331,20 +2576,53 @@ def _entity_tag(*parts: object) -> str:
     return f'W/"{digest[:32]}"'
 
 
-def calendar_response(app: "ExportApp", request: Request, session: Session, *, user_id: int, version: int,
-                      group: Group | None, style: CalendarStyle, variant: str, content_type: str,
-                      headers: list[tuple[str, str]]) -> Response:
-    """The calendar as a streamed response, or 304 for a matching If-None-Match on GET/HEAD.
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Which calendar a response shows, and what its validators follow: a user's slots (one group's, those
+    a window selects), the user's export version (ETag) and change clock (Last-Modified), and when the
+    window last moved (a feed's moves at 00:00Z every day)."""
 
-    The ETag comes from the export version and the zones' data (one indexed query), so a 304 never
-    reads a slot. The body streams from the cursor; when it fits in PREBUFFER_BYTES it is sent whole with
-    a Content-Length (and any database error before the first byte still gets its proper status)."""
-    zones = calendar_zones(session, user_id, group)
-    etag = _entity_tag(user_id, version, group.uuid if group else "", variant, content_type, zones.fingerprint)
+    user_id: int
+    version: int
+    changed: int
+    group: Group | None = None
+    window: Window | None = None
+    moved: int = 0
+
+
+# When this module's file last changed: a new release may write other bytes for the same data.
+MODULE_CHANGED = _changed_at(getattr(globals().get("__loader__"), "archive", None) or globals().get("__file__"))
+
+
+def last_modified(selection: Selection, zones: CalendarZones) -> int:
+    """SPEC §3 Last-Modified, in seconds since 1970: the latest of the user's change clock (schema.sql: never
+    earlier than a change, never the same for two states of the data), the time zone files the calendar is
+    written with, this module's file, and the window's last move."""
+    return max(selection.changed, zones.changed, MODULE_CHANGED, selection.moved)
+
+
+def calendar_response(app: "ExportApp", request: Request, session: Session, selection: Selection, *,
+                      style: CalendarStyle, variant: str, content_type: str,
+                      headers: list[tuple[str, str]]) -> Response:
+    """The calendar as a streamed response, or 304 on GET/HEAD for a matching If-None-Match, or (without
+    one) for an If-Modified-Since not earlier than the Last-Modified.
+
+    The validators come from the export version, the change clock and the zones' data (one indexed query),
+    so a 304 never reads a slot. The body streams from the cursor; when it fits in PREBUFFER_BYTES it is
+    sent whole with a Content-Length (and any database error before the first byte still gets its proper
+    status)."""
+    group, window = selection.group, selection.window
+    zones = calendar_zones(session, selection.user_id, group, window)
+    etag = _entity_tag(selection.user_id, selection.version, group.uuid if group else "", window.key if window else "",
+                       variant, content_type, zones.fingerprint)
     headers = [("Content-Type", content_type), *headers, ("Cache-Control", "private"), ("ETag", etag)]
-    if request.method in ("GET", "HEAD") and etag_matches(request.header("If-None-Match"), etag):
+    modified = last_modified(selection, zones)
+    now = app.config.clock()
+    if modified <= now:               # not later than Date, and the second of the newest change is over
+        headers.append(("Last-Modified", format_date_time(modified)))
+    if request.method in ("GET", "HEAD") and not_modified(request, etag, modified if modified <= now else None, now):
         return Response(HTTPStatus.NOT_MODIFIED, headers, close=session.close)
-    chunks = export_calendar(session, user_id, group, style, zones)
+    chunks = export_calendar(session, selection.user_id, group, style, zones, window)
     if accepts(request.header("Accept-Encoding"), "gzip"):
         chunks = gzip_stream(chunks)
         headers.append(("Content-Encoding", "gzip"))
@@ -2367,11 +2645,12 @@ def _chain(first: list[bytes], rest: Iterator[bytes]) -> Iterator[bytes]:
 
 
 def handle_export(app: "ExportApp", request: Request) -> Response:
-    """POST|GET|HEAD /v1/export/ical: the user's slots, all or one group's (SPEC §3)."""
+    """POST|GET|HEAD /v1/export/ical: the user's slots, all or one group's, all or in a window (SPEC §3)."""
     session = app.database.session()
     try:
-        user_id, version = authenticate(session, request.header("Authorization"))
-        group_uuid = group_parameter(request, app.config.max_body_bytes)
+        user_id, version, changed = authenticate(session, request.header("Authorization"))
+        parameters = request_parameters(request, app.config.max_body_bytes, ("group", "from", "to"))
+        group_uuid, window = group_value(parameters.get("group")), window_value(parameters)
         group = None
         if group_uuid is not None:
             group = session.accessible_group(user_id, uuid=group_uuid)
@@ -2381,7 +2660,7 @@ def handle_export(app: "ExportApp", request: Request) -> Response:
         filename = f"{group.uuid}.ical" if group else "Timeslot-Export.ical"
         headers = [("Content-Disposition", f'attachment; filename="{filename}"'),
                    ("Content-Transfer-Encoding", "binary"), ("Vary", "Accept, Accept-Encoding, Origin")]
-        return calendar_response(app, request, session, user_id=user_id, version=version, group=group,
+        return calendar_response(app, request, session, Selection(user_id, version, changed, group, window),
                                  style=CalendarStyle.of(group), variant="export",
                                  content_type=DOWNLOAD_TYPE if download else CALENDAR_TYPE, headers=headers)
     except BaseException:
@@ -2421,12 +2700,28 @@ def handle_feed(app: "ExportApp", request: Request, secret: str) -> Response:
         # Everything of the feed that its body shows: a PATCH of any of it is a new ETag at once.
         variant = (f"feed {feed.id} {style.refresh_minutes} busy={style.busy} alarms={style.alarms} "
                    f"window={feed.past_days},{feed.future_days}")
-        return calendar_response(app, request, session, user_id=feed.user_id, version=feed.version, group=group,
-                                 style=style, variant=variant, content_type=CALENDAR_TYPE,
-                                 headers=[("Vary", "Accept-Encoding, Origin")])
+        today = int(app.config.clock() // 86400)
+        window = feed_window(feed.past_days, feed.future_days, today)
+        selection = Selection(feed.user_id, feed.version, feed.changed, group, window,
+                              moved=today * 86400 if window else 0)
+        return calendar_response(app, request, session, selection, style=style, variant=variant,
+                                 content_type=CALENDAR_TYPE, headers=[("Vary", "Accept-Encoding, Origin")])
     except BaseException:
         session.close()
         raise
+
+
+def feed_window(past_days: int | None, future_days: int | None, today: int) -> Window | None:
+    """A feed's window on the day ``today`` (days since 1970, UTC): from 00:00Z ``past_days`` days before
+    today, up to 00:00Z ``future_days`` + 1 days after it (SPEC §3 "A feed's window"); None without either."""
+    def midnight(day: int) -> str:
+        day = min(max(day, FIRST_DAY), LAST_DAY)
+        text = _day_text(day)
+        return f"{text[:4]}-{text[4:6]}-{text[6:]}T00:00:00Z"
+    if past_days is None and future_days is None:
+        return None
+    return Window(None if past_days is None else midnight(today - past_days),
+                  None if future_days is None else midnight(today + future_days + 1))
 
 
 def handle_subscribe_page(app: "ExportApp", request: Request, secret: str) -> Response:
@@ -3272,7 +3567,16 @@ def _supervise_workers(app: ExportApp, listeners: list[socket.socket], threads: 
 # Command line
 # ---------------------------------------------------------------------------------------------------
 
-def export_to(database: Database, username: str, group_uuid: str | None, output) -> None:
+def cli_window(start: str | None, end: str | None) -> Window | None:
+    """--from and --to, checked as the API checks ``from`` and ``to`` (one line naming the option)."""
+    try:
+        return window_value({"from": start, "to": end})
+    except HTTPError as error:
+        raise ConfigError(error.message.replace("parameter ", "--")) from None
+
+
+def export_to(database: Database, username: str, group_uuid: str | None, output,
+              window: Window | None = None) -> None:
     """The CLI export: the same calendar as the HTTP export, written to a binary file object."""
     session = database.session()
     try:
@@ -3286,7 +3590,7 @@ def export_to(database: Database, username: str, group_uuid: str | None, output)
             group = session.accessible_group(user[0], uuid=group_uuid.lower())
             if group is None:
                 raise NotFound(f"group not found: {group_uuid}")
-        for chunk in export_calendar(session, user[0], group, CalendarStyle.of(group)):
+        for chunk in export_calendar(session, user[0], group, CalendarStyle.of(group), window=window):
             output.write(chunk)
     finally:
         session.close()
@@ -3440,6 +3744,9 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", parents=[database], help="write a user's calendar")
     export.add_argument("username")
     export.add_argument("--group", help="uuid of one group")
+    export.add_argument("--from", dest="start", metavar="X",
+                        help="only slots that reach into the window from X (YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ) on")
+    export.add_argument("--to", dest="end", metavar="Y", help="only slots that begin before Y (the same forms)")
     export.add_argument("-o", "--output", help="file to write (default: standard output)")
     feed = commands.add_parser("feed", help="subscription feeds").add_subparsers(
         dest="feed_command", required=True, parser_class=_ArgumentParser)
@@ -3478,16 +3785,17 @@ def _command(arguments: argparse.Namespace, config: Config, out) -> int:
               ready=lambda line: print(line, file=out, flush=True), workers=arguments.workers)
         return 0
     if command == "export":
+        window = cli_window(arguments.start, arguments.end)
         database = Database(path, config.busy_timeout_ms, config.replica)
         database.check()
         if arguments.output is None:
-            export_to(database, arguments.username, arguments.group, out.buffer)
+            export_to(database, arguments.username, arguments.group, out.buffer, window)
             out.flush()
             return 0
         partial = arguments.output + ".part"
         try:
             with open(partial, "wb") as output:
-                export_to(database, arguments.username, arguments.group, output)
+                export_to(database, arguments.username, arguments.group, output, window)
             os.replace(partial, arguments.output)   # the old file stays whole until the new one is
         finally:
             if os.path.exists(partial):

@@ -4,6 +4,7 @@ import datetime
 import os
 import random
 import sqlite3
+import time
 
 import pytest
 
@@ -224,6 +225,12 @@ def database_of_release(path, release):
     return old
 
 
+def assert_change_clocks_started(rows, upgraded_at):
+    """After `initdb`, every user's change clock (Last-Modified) runs from the upgrade on, as the triggers
+    keep it: the data's older changes are of unknown time, so they count as of the upgrade."""
+    assert rows and all(upgraded_at < row[2] <= time.time() + 2 for row in rows)
+
+
 def initdb_twice(path):
     """`initdb` on the file, twice: the second run must change nothing."""
     for _ in range(2):
@@ -256,12 +263,14 @@ def test_initdb_brings_a_database_of_the_first_schema_up_to_date_and_keeps_every
     old.close()
     with pytest.raises(timeslot_export.DatabaseUnavailable, match="run initdb"):
         timeslot_export.Database(str(path)).check()          # the service says what to do, no traceback
+    upgraded_at = int(time.time())
     initdb_twice(path)
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA foreign_keys = ON")
     after = {table: db.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall() for table in before}
     assert after["users"] == before["users"] and after["slot_alerts"] == before["slot_alerts"]
-    assert after["export_versions"] == before["export_versions"]
+    assert [row[:2] for row in after["export_versions"]] == before["export_versions"]
+    assert_change_clocks_started(after["export_versions"], upgraded_at)
     assert [row[:-1] for row in after["slots"]] == before["slots"] and {row[-1] for row in after["slots"]} == {""}
     timeslot_export.Database(str(path)).check()
     with pytest.raises(sqlite3.IntegrityError, match="time_zone"):
@@ -328,11 +337,13 @@ def test_initdb_brings_a_1_1_database_up_to_date_keeping_every_row_and_its_feeds
     old.close()
     with pytest.raises(timeslot_export.DatabaseUnavailable, match="run initdb"):
         timeslot_export.Database(str(path)).check()
+    upgraded_at = int(time.time())
     initdb_twice(path)
     db = sqlite3.connect(path, isolation_level=None)
     after = {table: db.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall() for table in before}
     assert after["users"] == before["users"] and after["slots"] == before["slots"]
-    assert after["export_versions"] == before["export_versions"]
+    assert [row[:2] for row in after["export_versions"]] == before["export_versions"]
+    assert_change_clocks_started(after["export_versions"], upgraded_at)
     assert [row[:-2] for row in after["feeds"]] == before["feeds"]
     assert {row[-2:] for row in after["feeds"]} == {(None, None)}             # no window: everything, as before
     timeslot_export.Database(str(path)).check()
