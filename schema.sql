@@ -279,29 +279,19 @@ CREATE TRIGGER IF NOT EXISTS memberships_delete_version AFTER DELETE ON membersh
         ON CONFLICT (user_id) DO UPDATE SET version = version + 1;
 END;
 
--- Last-Modified (SPEC §3 "Success"), added in 1.2.0: `changed` is a per-user clock in whole Unix seconds that
--- moves whenever `version` does, to max(the current second + 1, its last value + 1), so it is never earlier
--- than the change it stands for, and two states of a user's data never share a value: a client that
--- got `Last-Modified: L` and sends `If-Modified-Since: L` names exactly one state, however fast the
--- changes came (several in one second, a transaction that committed late, a replica that lagged).
--- Statements that change many rows at once move it once (`changed_step` is the statement's 'now', the
--- same for every row a single statement changes). Writers set nothing: these triggers do it, from the
--- database's own clock, never from `updated_at`. An `initdb` on an older database starts every existing
--- user's clock at that moment.
+-- Last-Modified (SPEC §3 "Success"), added in 1.2.0: `changed` is when the user's exported data last changed,
+-- in whole Unix seconds rounded up (the second after the change began), moved by these triggers whenever
+-- `version` is, from the database's own clock, never from `updated_at`; it never goes backwards. Writers set
+-- nothing. Several changes within one second share it, so the service tells them apart by the moment it
+-- reads: a date is only handed out for a state that no write still in progress can share (README.md,
+-- "Last-Modified"). An `initdb` on an older database starts every existing user's clock at that moment.
 ALTER TABLE export_versions ADD COLUMN changed INTEGER;
-ALTER TABLE export_versions ADD COLUMN changed_step REAL;
 CREATE TRIGGER IF NOT EXISTS export_versions_changed_insert AFTER INSERT ON export_versions BEGIN
-    UPDATE export_versions
-        SET changed = CASE WHEN changed_step IS julianday('now') THEN changed
-                           ELSE max(coalesce(changed, 0) + 1, CAST(strftime('%s', 'now') AS INTEGER) + 1) END,
-            changed_step = julianday('now')
+    UPDATE export_versions SET changed = max(coalesce(changed, 0), CAST(strftime('%s', 'now') AS INTEGER) + 1)
         WHERE user_id = NEW.user_id;
 END;
 CREATE TRIGGER IF NOT EXISTS export_versions_changed_update AFTER UPDATE OF version ON export_versions BEGIN
-    UPDATE export_versions
-        SET changed = CASE WHEN changed_step IS julianday('now') THEN changed
-                           ELSE max(coalesce(changed, 0) + 1, CAST(strftime('%s', 'now') AS INTEGER) + 1) END,
-            changed_step = julianday('now')
+    UPDATE export_versions SET changed = max(coalesce(changed, 0), CAST(strftime('%s', 'now') AS INTEGER) + 1)
         WHERE user_id = NEW.user_id;
 END;
 UPDATE export_versions SET changed = CAST(strftime('%s', 'now') AS INTEGER) + 1 WHERE changed IS NULL;

@@ -469,12 +469,17 @@ def feed_object(row: tuple) -> dict:
 class Session:
     """One read transaction on one connection: every query of a request sees one snapshot."""
 
-    def __init__(self, database: "Database", connection: sqlite3.Connection, identity: tuple):
+    def __init__(self, database: "Database", connection: sqlite3.Connection, identity: tuple,
+                 quiet: bool = False, started: float = 0.0):
         self._database = database
         self._connection = connection
         self._identity = identity
         self._broken = False
         self._closed = False
+        # No write was in progress on the file at ``started``, just before this snapshot was taken: every
+        # change that a later state brings was written after that moment (see last_modified).
+        self.quiet = quiet
+        self.started = started
         self._run("BEGIN")
 
     def _failed(self, error: sqlite3.Error) -> DatabaseUnavailable:
@@ -815,14 +820,62 @@ class Database:
     waits for it (the busy timeout) and then reads the new state, and a request in progress keeps its
     snapshot: the follower waits for it to finish."""
 
-    def __init__(self, path: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS, replica: bool = False):
+    def __init__(self, path: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS, replica: bool = False,
+                 clock: Callable[[], float] = time.time):
         self.path = os.path.abspath(path)
+        self._clock = clock
         self._uri = "file:" + urllib.parse.quote(self.path) + "?mode=ro"
         self._timeout = busy_timeout_ms / 1000
         self._replica = replica
         self._guard: _FollowerGuard | None = None
         self._guard_lock = threading.Lock()
         self._idle = threading.local()
+        self._lock_files: dict[str, tuple[int, int]] = {}      # path: (inode, descriptor), for writing_now
+        self._first_seen: dict[tuple[int, int], float] = {}    # (user, version): when a replica first read it
+
+    @property
+    def replica(self) -> bool:
+        return self._replica
+
+    def writing_now(self) -> bool | None:
+        """Whether a write transaction holds SQLite's write lock on the file right now: in WAL mode the
+        -shm file's WAL_WRITE_LOCK byte (120), in rollback-journal mode the database's RESERVED byte. Asked
+        with F_OFD_GETLK, which sees the locks of other processes and of this one's other connections;
+        None where that cannot be asked (no OFD locks, no lock file)."""
+        if fcntl is None or not hasattr(fcntl, "F_OFD_GETLK"):
+            return None
+        shm = self.path + "-shm"
+        path, offset = (shm, 120) if os.path.exists(shm) else (self.path, 0x40000001)
+        try:
+            descriptor = self._lock_file(path)
+            answer = fcntl.fcntl(descriptor, fcntl.F_OFD_GETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, offset, 1, 0))
+        except OSError:
+            return None
+        return struct.unpack("hhqqi", answer)[0] != fcntl.F_UNLCK
+
+    def _lock_file(self, path: str) -> int:
+        """A read-only descriptor of ``path`` to ask its locks, kept while the file is the same file."""
+        inode = os.stat(path).st_ino
+        known = self._lock_files.get(path)
+        if known is not None and known[0] == inode:
+            return known[1]
+        with self._guard_lock:
+            descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            if known is not None:
+                os.close(known[1])
+            self._lock_files[path] = (inode, descriptor)
+            return descriptor
+
+    def first_seen(self, user_id: int, version: int, now: float) -> float:
+        """When this process first read this version of the user's data (a replica's Last-Modified follows
+        it: its follower may bring two states of one second at different moments)."""
+        key = (user_id, version)
+        seen = self._first_seen.get(key)
+        if seen is None:
+            if len(self._first_seen) >= 65536:
+                self._first_seen.clear()                      # forgotten states count from now: later, safe
+            seen = self._first_seen.setdefault(key, now)
+        return seen
 
     def _identity(self) -> tuple:
         try:
@@ -855,6 +908,8 @@ class Database:
 
     def session(self) -> Session:
         """A read transaction on this thread's connection (or a new one)."""
+        started = self._clock()
+        quiet = self.writing_now() is False                  # asked before the snapshot is taken
         identity = self._identity()
         guard = epoch = None
         if self._replica:
@@ -869,17 +924,18 @@ class Database:
             if idle is not None:
                 idle[0].close()
             connection = self._open()
-        session = self._session_on(connection, identity)
+        session = self._session_on(connection, identity, quiet, started)
         if epoch is not None:
             session.start_reading()                   # from here on the follower waits for this request
             if not guard.still(epoch):                # it wrote first: the cache may be older than the file
                 session.discard()
-                return self._session_on(self._open(), (*identity[:-1], None))
+                return self._session_on(self._open(), (*identity[:-1], None), quiet, started)
         return session
 
-    def _session_on(self, connection: sqlite3.Connection, identity: tuple) -> Session:
+    def _session_on(self, connection: sqlite3.Connection, identity: tuple, quiet: bool = False,
+                    started: float = 0.0) -> Session:
         try:
-            return Session(self, connection, identity)
+            return Session(self, connection, identity, quiet, started)
         except BaseException:
             connection.close()
             raise
@@ -935,6 +991,9 @@ class Database:
             if self._guard is not None:
                 self._guard.close()
                 self._guard = None
+            for _, descriptor in self._lock_files.values():
+                os.close(descriptor)
+            self._lock_files.clear()
 
 
 def connect_for_writing(path: str, create: bool = False) -> sqlite3.Connection:
@@ -1421,15 +1480,15 @@ def _observance(change: Change, start: str, recurrence: str) -> str:
             f"TZOFFSETTO:{_utc_offset_text(change.offset_to)}\r\n{name}{recurrence}END:{change.kind}\r\n")
 
 
-def _zone_file(name: str) -> tuple[bytes, int] | None:
-    """A zone's TZif bytes and when the file last changed (its ctime, rounded up: an update of the time zone
-    data rewrites it), found where zoneinfo finds them: the TZPATH folders (the system's zoneinfo files,
-    PYTHONTZPATH), then the ``tzdata`` package when it is installed."""
+def _zone_file(name: str) -> tuple[bytes, int, str | None] | None:
+    """A zone's TZif bytes, when its file last changed (its ctime, rounded up: an update of the time zone
+    data rewrites it) and the file's path, found where zoneinfo finds them: the TZPATH folders (the system's
+    zoneinfo files, PYTHONTZPATH), then the ``tzdata`` package when it is installed."""
     for folder in zoneinfo.TZPATH:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             with open(path, "rb") as file:
-                return file.read(), math.ceil(os.fstat(file.fileno()).st_ctime)
+                return file.read(), math.ceil(os.fstat(file.fileno()).st_ctime), path
     package, _, leaf = ("tzdata/zoneinfo/" + name).rpartition("/")
     try:
         import importlib.resources                 # only when the system's folders lack the zone
@@ -1438,9 +1497,9 @@ def _zone_file(name: str) -> tuple[bytes, int] | None:
     except (ImportError, OSError):
         return None
     try:
-        return data, math.ceil(os.stat(resource).st_ctime)
+        return data, math.ceil(os.stat(resource).st_ctime), os.fspath(resource)
     except (OSError, TypeError):                   # inside an archive: the archive's own time
-        return data, _changed_at(getattr(sys.modules.get("tzdata"), "__file__", None))
+        return data, _changed_at(getattr(sys.modules.get("tzdata"), "__file__", None)), None
 
 
 def _changed_at(path: str | None) -> int:
@@ -1451,37 +1510,41 @@ def _changed_at(path: str | None) -> int:
         return 0
 
 
-_zones: dict[str, "TimeZone | None"] = {}
+# name: (the zone or None, its file, the file's ctime when it was read)
+_zones: dict[str, tuple["TimeZone | None", str | None, int]] = {}
 _zones_lock = threading.Lock()
 
 
-def time_zone(name: str) -> TimeZone | None:
-    """The zone called ``name`` in this machine's tz database, read once per process; None when the
-    database lacks it or has none (its slots are then written in UTC, and a warning says so once)."""
-    zone = _zones.get(name, False)
-    if zone is not False:
-        return zone
+def time_zone(name: str, fresh: bool = False) -> TimeZone | None:
+    """The zone called ``name`` in this machine's tz database, read once per process, and again when its
+    file changed if ``fresh`` (each calendar's zones are: an update of the time zone data shows in the next
+    export, and its Last-Modified follows the file); None when the database lacks it or has none (its slots
+    are then written in UTC, and a warning says so once)."""
+    known = _zones.get(name)
+    if known is not None and not (fresh and known[1] is not None and _changed_at(known[1]) != known[2]):
+        return known[0]
     with _zones_lock:
-        if name not in _zones:
-            _zones[name] = _load_time_zone(name)
-        return _zones[name]
+        if _zones.get(name) is known:
+            _zones[name] = _load_time_zone(name, warn=known is None)
+        return _zones[name][0]
 
 
-def _load_time_zone(name: str) -> TimeZone | None:
+def _load_time_zone(name: str, warn: bool = True) -> tuple["TimeZone | None", str | None, int]:
     found = _zone_file(name) if ZONE_NAME_PATTERN.fullmatch(name) else None
     if found is None:
-        logger.warning("time zone %r is not in this machine's time zone database: its slots are written in UTC "
-                       "(install the tzdata package to add the database)", name)
-        return None
-    data, changed = found
+        if warn:
+            logger.warning("time zone %r is not in this machine's time zone database: its slots are written in "
+                           "UTC (install the tzdata package to add the database)", name)
+        return None, None, 0
+    data, changed, path = found
     try:
         zone = TimeZone(name, data)
     except (ValueError, IndexError, struct.error, UnicodeDecodeError) as error:
         logger.warning("time zone %r cannot be read from the time zone database (%s): its slots are written "
                        "in UTC", name, error)
-        return None
+        return None, path, changed
     zone.changed = changed
-    return zone
+    return zone, path, changed
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1759,7 +1822,7 @@ class CalendarZones:
         by_name: dict[str, TimeZone] = {}
         components, fingerprint = [], []
         for name, earliest in starts:
-            zone = time_zone(name)
+            zone = time_zone(name, fresh=True)
             fingerprint.append(f"{name}={zone.fingerprint if zone else 'unknown'}")
             if zone is not None:
                 by_name[name] = zone
@@ -2594,11 +2657,24 @@ class Selection:
 MODULE_CHANGED = _changed_at(getattr(globals().get("__loader__"), "archive", None) or globals().get("__file__"))
 
 
-def last_modified(selection: Selection, zones: CalendarZones) -> int:
-    """SPEC §3 Last-Modified, in seconds since 1970: the latest of the user's change clock (schema.sql: never
-    earlier than a change, never the same for two states of the data), the time zone files the calendar is
-    written with, this module's file, and the window's last move."""
-    return max(selection.changed, zones.changed, MODULE_CHANGED, selection.moved)
+def last_modified(app: "ExportApp", session: Session, selection: Selection, zones: CalendarZones,
+                  now: float) -> int | None:
+    """SPEC §3 Last-Modified in seconds since 1970, or None where a date could hide a change.
+
+    It is the latest of: when the user's data last changed (schema.sql keeps it, rounded up to the second
+    after the change), the time zone files the calendar is written with, this module's file, and the
+    window's last move; on a replica, also when this process first read this state of the data. It is
+    handed out only when it is not later than now (so never later than Date, and never while the second
+    of the newest change is still running), and on a primary only from a snapshot taken while no write was
+    in progress: then any later state's change was written after that moment, so its date is later than
+    any this state was given, and If-Modified-Since names one state, never two."""
+    changed = selection.changed
+    if app.database.replica:
+        changed = max(changed, math.ceil(app.database.first_seen(selection.user_id, selection.version, now)))
+    elif not session.quiet:
+        return None
+    modified = max(changed, zones.changed, MODULE_CHANGED, selection.moved)
+    return modified if modified <= now else None
 
 
 def calendar_response(app: "ExportApp", request: Request, session: Session, selection: Selection, *,
@@ -2616,11 +2692,11 @@ def calendar_response(app: "ExportApp", request: Request, session: Session, sele
     etag = _entity_tag(selection.user_id, selection.version, group.uuid if group else "", window.key if window else "",
                        variant, content_type, zones.fingerprint)
     headers = [("Content-Type", content_type), *headers, ("Cache-Control", "private"), ("ETag", etag)]
-    modified = last_modified(selection, zones)
-    now = app.config.clock()
-    if modified <= now:               # not later than Date, and the second of the newest change is over
+    now = session.started                    # when the snapshot began: the moment the date must not pass
+    modified = last_modified(app, session, selection, zones, now)
+    if modified is not None:
         headers.append(("Last-Modified", format_date_time(modified)))
-    if request.method in ("GET", "HEAD") and not_modified(request, etag, modified if modified <= now else None, now):
+    if request.method in ("GET", "HEAD") and not_modified(request, etag, modified, now):
         return Response(HTTPStatus.NOT_MODIFIED, headers, close=session.close)
     chunks = export_calendar(session, selection.user_id, group, style, zones, window)
     if accepts(request.header("Accept-Encoding"), "gzip"):
@@ -2967,7 +3043,7 @@ class ExportApp:
 
     def __init__(self, config: Config):
         self.config = config
-        self.database = Database(config.db_path, config.busy_timeout_ms, config.replica)
+        self.database = Database(config.db_path, config.busy_timeout_ms, config.replica, config.clock)
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         started = time.perf_counter()
