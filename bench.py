@@ -13,6 +13,11 @@ things timed in the same run, interleaved, taking the median of the repetitions:
   replica the small export on a replica (`serve --replica`) vs the default, on a copy in rollback-journal
           mode (connections kept under the follower guard) and in WAL mode (a connection per request)
           (figures for the README, no target)
+  window  a 30-day window (from/to) of a user with 100,000 seed-like slots over 20 years, with open-ended and
+          ended weekly series among them, in process
+          vs. fetching just the slots it exports with a plain SELECT by their ids      target <= 3x
+  revalidation  If-None-Match and If-Modified-Since (each a 304) of an unchanged 100,000-slot feed
+          vs. the same 304 of a 5-slot feed                                            target <= 2x
   memory  a 1,000,000-slot export: peak memory above the idle process                  target <= 16 MiB
   load    64 concurrent clients against `serve` while another process writes slots     no 5xx, all answered
   servers 16 keep-alive clients, the small export: server CPU per request (the server's whole process
@@ -195,6 +200,111 @@ def bench_large(path: str) -> tuple[float, str]:
                                  f"{selected / count * 1e6:.1f} µs/event")
 
 
+WINDOW = ("2026-11-01T00:00:00Z", "2026-12-01T00:00:00Z")      # the last month of the history
+
+
+def build_history(path: str, slots: int = 100_000, series: int = 200) -> None:
+    """A database where user 'big' has ``slots`` seed-like slots (short titles, no text, alarms or rules)
+    spread over the 20 years up to December 2026 and ``series`` weekly series among them, a tenth of them
+    open-ended, the others ended after a few months; user 'small' has 5 slots. Each has a feed."""
+    if os.path.exists(path):
+        return
+    os.makedirs(DATA, exist_ok=True)
+    generator = random.Random(11)
+    partial = path + ".part"
+    for leftover in (partial, partial + "-wal", partial + "-shm"):
+        if os.path.exists(leftover):
+            os.remove(leftover)
+    db = sqlite3.connect(partial, isolation_level=None)
+    timeslot_export.apply_schema(db)
+    db.execute("BEGIN")
+    for user_id, name in ((1, "big"), (2, "small")):
+        db.execute("INSERT INTO users (id, uuid, username, token_digest) VALUES (?, ?, ?, ?)",
+                   (user_id, str(uuid.UUID(int=user_id)), name, hashlib.sha256(token_for(name).encode()).hexdigest()))
+        db.execute("INSERT INTO feeds (user_id, token_digest) VALUES (?, ?)",
+                   (user_id, hashlib.sha256(feed_secret(name).encode()).hexdigest()))
+    first = 1165536000                                                   # 2006-12-08, twenty years back
+
+    def rows(user_id: int, count: int, rules: int):
+        for n in range(count):
+            start = first + generator.randrange(20 * 365 * 86400)
+            rule = ""
+            if n < rules:
+                rule = "FREQ=WEEKLY" if n % 10 == 0 else time.strftime(
+                    "FREQ=WEEKLY;UNTIL=%Y%m%dT%H%M%SZ", time.gmtime(start + generator.randrange(30, 200) * 86400))
+            yield (str(uuid.UUID(int=generator.getrandbits(128), version=4)), user_id, f"Meeting {n % 97}",
+                   time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)),
+                   time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start + 3600)), rule)
+
+    insert = ("INSERT INTO slots (uuid, creator_id, title, start_at, end_at, rrule, created_at, updated_at) "
+              "VALUES (?, ?, ?, ?, ?, ?, '2020-01-01T00:00:00Z', '2020-06-01T12:00:00Z')")
+    db.executemany(insert, rows(1, slots, series))
+    db.executemany(insert, rows(2, 5, 0))
+    db.execute("COMMIT")
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    os.replace(partial, path)
+
+
+def feed_secret(name: str) -> str:
+    return f"bench-feed-secret-{name}-0123456789abcdefghijklmn"
+
+
+def bench_window(path: str) -> tuple[float, str]:
+    """The windowed export against a plain SELECT of just the rows it exports, by id, iterated."""
+    app = timeslot_export.make_app(path)
+    environ = {**request_environ(token_for("big")), "REQUEST_METHOD": "GET",
+               "QUERY_STRING": f"from={WINDOW[0]}&to={WINDOW[1]}"}
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    body = b"".join(timeslot_export.make_app(path)({**environ, "wsgi.input": io.BytesIO(b"")},
+                                                   lambda s, h, e=None: None))
+    uids = [line[4:] for line in body.decode().split("\r\n") if line.startswith("UID:")]
+    ids = [row[0] for row in connection.execute(
+        f"SELECT id FROM slots WHERE uuid IN ({', '.join('?' for _ in uids)})", uids)]
+    by_ids = PLAIN_SELECT.replace("WHERE s.creator_id = ? AND", f"WHERE s.id IN ({', '.join('?' for _ in ids)}) AND")
+
+    def select():
+        for _ in connection.execute(by_ids, ids):
+            pass
+
+    export = lambda: wsgi_export(app, environ)                           # noqa: E731
+    export(), select()
+    exported, selected = interleaved(export, select, 41)
+    return exported / selected, (f"{len(ids)} of 100,200 slots, export {exported * 1000:.2f} ms, SELECT by id "
+                                 f"{selected * 1000:.2f} ms")
+
+
+def bench_revalidation(path: str) -> tuple[float, str]:
+    """304s of the 100,000-slot feed against 304s of the 5-slot feed, by If-None-Match and by
+    If-Modified-Since: the larger of the two ratios."""
+    app = timeslot_export.make_app(path)
+    ratios, details = [], []
+    answers = {}
+    for name in ("big", "small"):
+        environ = {**request_environ(""), "REQUEST_METHOD": "GET", "PATH_INFO": f"/v1/feeds/{feed_secret(name)}.ics"}
+        headers = {}
+        app({**environ, "wsgi.input": io.BytesIO(b"")}, lambda s, h, e=None: headers.update(h)).close()
+        answers[name] = (environ, headers)
+    for header, field in (("HTTP_IF_NONE_MATCH", "ETag"), ("HTTP_IF_MODIFIED_SINCE", "Last-Modified")):
+        calls = []
+        for name in ("big", "small"):
+            environ, headers = answers[name]
+            if field not in headers:
+                raise SystemExit(f"bench: the {name} feed has no {field}")
+            conditional = {**environ, header: headers[field], "wsgi.input": io.BytesIO(b"")}
+
+            def call(conditional=conditional):
+                status = []
+                app(conditional, lambda s, h, e=None: status.append(s)).close()
+                if not status[0].startswith("304"):
+                    raise SystemExit(f"bench: revalidation answered {status[0]}")
+            calls.append(call)
+        big, small = interleaved(calls[0], calls[1], 301)
+        ratios.append(big / small)
+        details.append(f"{field}: {big * 1e6:.0f} vs {small * 1e6:.0f} µs ({big / small:.2f}x)")
+    return max(ratios), "; ".join(details)
+
+
 def export_sql(connection: sqlite3.Connection, token: str) -> None:
     """The SQL statements of a user's export, as the service runs them (one read transaction), nothing else:
     the "same SQL" of the small export row, and the SQL floor under gunicorn. TypeError for an unknown token."""
@@ -355,11 +465,17 @@ def main() -> int:
     for mix, path in large.items():
         build(path, 100_000, mix)
     build(huge, 1_000_000)
+    history = os.path.join(DATA, "history-100k.sqlite3")
+    build_history(history)
     results = []
     for name, run, path, target, unit in (
             *((f"100,000-slot export vs plain SELECT, {mix} mix", bench_large, large[mix], 3.0, "x") for mix in MIXES),
             *((f"5-slot export vs the same SQL on an open connection, {mix} mix", bench_small, large[mix], 3.0, "x")
               for mix in MIXES),
+            ("30-day window of a 20-year, 100,000-slot history vs plain SELECT of its slots by id", bench_window,
+             history, 3.0, "x"),
+            ("revalidating an unchanged 100,000-slot feed vs a 5-slot feed (304 each)", bench_revalidation, history,
+             2.0, "x"),
             ("1,000,000-slot export, peak memory above idle", bench_memory, huge, 16.0, " MiB"),
             ("64 clients x 20 requests vs serve + a writer: failed", bench_load, large["rich"], 0, " requests")):
         value, detail = run(path)

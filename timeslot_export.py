@@ -406,8 +406,9 @@ class Group:
     name: str
 
 
-# Bounds beyond every timestamp, for a side of a window without one (timestamps sort as text).
-BEFORE_ALL, AFTER_ALL = "0000-01-01T00:00:00Z", "9999-12-32"
+# Bounds beyond every timestamp, for a side of a window without one (timestamps sort as text), in the
+# schema's form and in iCalendar's basic form.
+BEFORE_ALL, AFTER_ALL, AFTER_ALL_BASIC = "0000-01-01T00:00:00Z", "9999-12-32", "99999999T999999Z"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,6 +423,12 @@ class Window:
     def key(self) -> str:
         """What the validators follow: the same data in another window is another calendar."""
         return f"{self.start or ''}/{self.end or ''}"
+
+    def basic_bounds(self) -> tuple[str, str]:
+        """(start, end) in iCalendar's basic form, as slot rows give times: '' and a text after every
+        instant for no bound."""
+        start = self.start.replace("-", "").replace(":", "") if self.start else ""
+        return start, self.end.replace("-", "").replace(":", "") if self.end else AFTER_ALL_BASIC
 
     def search(self) -> dict[str, str]:
         """The bounds of slot_spans' index search: each class of span length starts its range that many
@@ -1919,50 +1926,48 @@ def write_event(row: tuple, style: CalendarStyle, zones: Mapping[str, TimeZone] 
     return event + "END:VEVENT\r\n"
 
 
-def _basic_seconds(instant: str | None, default: float) -> float:
-    """Seconds since 1970 of a window bound ('YYYY-MM-DDTHH:MM:SSZ'), or ``default`` for no bound."""
-    if instant is None:
-        return default
-    return utc_seconds(instant.replace("-", "").replace(":", ""))
-
-
 _UNTIL = re.compile(r"UNTIL=([0-9]{8})(?:T([0-9]{6})Z)?")
 
 
-def in_window(start: str, end: str | None, all_day: int, rule: str, zone_name: str, window: Window) -> bool:
-    """Whether a window selects a slot (SPEC §3 "from", "to"; times in basic form, as the slot queries give
-    them). A slot occupies [start, end): an all-day slot its dates from 00:00Z, an instant its start alone.
-    A slot whose rule is written is selected unless its first occurrence starts at or after the window's
-    end, or its last possible occurrence (from UNTIL, read as the writer reads it, in the slot's zone) ends
-    before the window starts; a series that ends by COUNT is selected from its start on (SPEC: MAY)."""
-    since, until = _basic_seconds(window.start, -math.inf), _basic_seconds(window.end, math.inf)
+def in_window(start: str, end: str | None, all_day: int, rule: str, zone_name: str, bounds: tuple[str, str]
+              ) -> bool:
+    """Whether a window selects a slot (SPEC §3 "from", "to"): times in basic form as the slot queries give
+    them, ``bounds`` the window's (Window.basic_bounds); basic forms sort as the instants do. A slot occupies
+    [start, end): an all-day slot its dates from 00:00Z, an instant its start alone. A slot whose rule is
+    written is selected unless its first occurrence starts at or after the window's end, or its last
+    possible occurrence (from UNTIL, read as the writer reads it, in the slot's zone) ends before the
+    window starts; a series that ends by COUNT is selected from its start on (the SPEC's MAY)."""
+    since, until = bounds
     if all_day:
-        first = _day_number(start[:8]) * 86400
-        first_end = (_day_number((end or start)[:8]) + 1) * 86400
+        first = start[:8] + "T000000Z"
+        after = _next_day((end or start)[:8])
+        first_end = after + "T000000Z" if after else AFTER_ALL_BASIC
     else:
-        first = utc_seconds(start)
-        first_end = utc_seconds(end) if end else first
-    duration = first_end - first
-    zone = None                                  # the zone the writer reads the rule in: DTSTART's (write_event)
-    if not all_day and zone_name and rule:
-        zone = _date_time("DTSTART", start, time_zone(zone_name))[1]
-    written, _ = format_recurrence(rule, bool(all_day), zone)
-    if not written:
-        return first < until and (first_end > since or (duration == 0 and first >= since))
+        first, first_end = start, end or start
     if first >= until:
         return False
+    written = ""
+    if rule:
+        zone = None                              # the zone the writer reads the rule in: DTSTART's (write_event)
+        if not all_day and zone_name:
+            zone = _date_time("DTSTART", start, time_zone(zone_name))[1]
+        written = format_recurrence(rule, bool(all_day), zone)[0]
+    if not written:
+        return first_end > since or (first_end == first and first >= since)
     last = _UNTIL.search(written.replace("\r\n ", ""))
-    if last is None:
+    if last is None or not since:
         return True
     last_start = _day_number(last.group(1)) * 86400 if all_day else utc_seconds(last.group(0)[6:])
-    return last_start + duration > since or (duration == 0 and last_start >= since)
+    duration = (utc_seconds(first_end) if first_end != AFTER_ALL_BASIC else math.inf) - utc_seconds(first)
+    return last_start + duration > utc_seconds(since) or (duration == 0 and last_start >= utc_seconds(since))
 
 
 def _selected(batches: Iterator[list[tuple]], window: Window) -> Iterator[list[tuple]]:
     """The rows of each batch that the window selects (the index search found a superset)."""
+    bounds = window.basic_bounds()
     try:
         for batch in batches:
-            yield [row for row in batch if in_window(row[3], row[4], row[5], row[6], row[18], window)]
+            yield [row for row in batch if in_window(row[3], row[4], row[5], row[6], row[18], bounds)]
     finally:
         batches.close()
 
@@ -1975,8 +1980,9 @@ def calendar_zones(session: Session, user_id: int, group: Group | None, window: 
     if window is None:
         return CalendarZones.of(session.time_zone_starts(user_id, group_id))
     earliest: dict[str, str] = {}
+    bounds = window.basic_bounds()
     for zone_name, start, end, rule in session.window_zoned_slots(user_id, group_id, window):
-        if start < earliest.get(zone_name, "A") and in_window(start, end, 0, rule, zone_name, window):
+        if start < earliest.get(zone_name, "A") and in_window(start, end, 0, rule, zone_name, bounds):
             earliest[zone_name] = start
     return CalendarZones.of(sorted(earliest.items()))
 

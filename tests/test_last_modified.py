@@ -333,18 +333,18 @@ def test_a_1_x_database_has_dates_from_the_first_request_after_initdb(tmp_path):
 
 @pytest.mark.slow
 def test_under_serve_with_a_writer_a_date_is_never_later_than_date_and_names_one_body(db_path, data, world):
-    """Requests back to back while another process changes the slot every 10 ms: every Last-Modified is at
-    most the response's Date, no two different bodies share one, and revalidating with each gives 200
-    exactly when the body changed."""
+    """Requests back to back while another connection changes the slot in bursts (every 10 ms for 0.2 s, then
+    1.5 s of quiet, three times): every Last-Modified is at most the response's Date, no two different
+    bodies share one, and revalidating with each gives 200 exactly when the body changed."""
     stop = threading.Event()
 
     def writer():
         connection = sqlite3.connect(db_path, isolation_level=None, timeout=10)
-        for number in range(300):
+        for number in range(60):
             if stop.is_set():
                 break
             connection.execute("UPDATE slots SET title = ? WHERE id = ?", (f"title {number}", world["slot"]))
-            time.sleep(0.01)
+            time.sleep(1.5 if number % 20 == 19 else 0.01)
         connection.close()
 
     def get(base, headers=None):
@@ -360,7 +360,7 @@ def test_under_serve_with_a_writer_a_date_is_never_later_than_date_and_names_one
         thread = threading.Thread(target=writer)
         thread.start()
         try:
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 5.5
             while time.monotonic() < deadline:
                 status, headers, body = get(base)
                 assert status == 200
@@ -372,7 +372,7 @@ def test_under_serve_with_a_writer_a_date_is_never_later_than_date_and_names_one
             thread.join()
         time.sleep(1.1)
         final_status, final_headers, final_body = get(base)
-        assert len(bodies) > 3 and all(len(seen) == 1 for seen in bodies.values())
+        assert len(bodies) >= 3 and all(len(seen) == 1 for seen in bodies.values())
         for modified, (body,) in bodies.items():
             status, _, _ = get(base, {"If-Modified-Since": modified})
             assert status == (304 if body == final_body else 200), modified
