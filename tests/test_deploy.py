@@ -161,6 +161,7 @@ def test_the_load_balancer_sends_feed_changes_to_the_primary_and_the_rest_to_a_r
             running_nginx(tmp_path, "nginx-timeslot-replicas.conf",
                           {"10.0.0.10:8000": address(primary), "10.0.0.11:8000": address(replica),
                            "    server 10.0.0.12:8000;\n": ""}) as origin:
+        assert "hash $uri consistent;" in (tmp_path / "site.conf").read_text()
         # the replica itself refuses changes: they must go to the primary
         status, _, body = through(replica, "/v1/feeds", "POST", token, {})
         assert status == 503 and "primary" in json.loads(body)["error"]
