@@ -75,18 +75,8 @@ def build(path: str, slots: int, mix: str = "rich", seed: int = 7) -> None:
     deterministically (the rich and zoned mixes draw the same random numbers)."""
     if os.path.exists(path):
         return
-    os.makedirs(DATA, exist_ok=True)
     generator = random.Random(seed)
-    partial = path + ".part"
-    for leftover in (partial, partial + "-wal", partial + "-shm"):
-        if os.path.exists(leftover):
-            os.remove(leftover)
-    db = sqlite3.connect(partial, isolation_level=None)
-    timeslot_export.apply_schema(db)
-    db.execute("BEGIN")
-    for user_id, name in ((1, "big"), (2, "small")):
-        db.execute("INSERT INTO users (id, uuid, username, token_digest) VALUES (?, ?, ?, ?)",
-                   (user_id, str(uuid.UUID(int=user_id)), name, hashlib.sha256(token_for(name).encode()).hexdigest()))
+    db = start_building(path)
     locations = []
     for n in range(200):
         with_geo = n % 2 == 0
@@ -137,10 +127,33 @@ def build(path: str, slots: int, mix: str = "rich", seed: int = 7) -> None:
         for weeks in (1, 3):
             db.execute("INSERT INTO slot_exdates (slot_id, occurrence_at) SELECT id, strftime('%Y-%m-%dT%H:%M:%SZ', "
                        f"start_at, '+{7 * weeks} days') FROM slots WHERE time_zone <> '' AND id % 4 = 1")
+    finish_building(db, path)
+
+
+def start_building(path: str) -> sqlite3.Connection:
+    """A new database at ``path``.part, in a transaction, with the users 'big' and 'small' and a feed each."""
+    os.makedirs(DATA, exist_ok=True)
+    partial = path + ".part"
+    for leftover in (partial, partial + "-wal", partial + "-shm"):
+        if os.path.exists(leftover):
+            os.remove(leftover)
+    db = sqlite3.connect(partial, isolation_level=None)
+    timeslot_export.apply_schema(db)
+    db.execute("BEGIN")
+    for user_id, name in ((1, "big"), (2, "small")):
+        db.execute("INSERT INTO users (id, uuid, username, token_digest) VALUES (?, ?, ?, ?)",
+                   (user_id, str(uuid.UUID(int=user_id)), name, hashlib.sha256(token_for(name).encode()).hexdigest()))
+        db.execute("INSERT INTO feeds (user_id, token_digest) VALUES (?, ?)",
+                   (user_id, hashlib.sha256(feed_secret(name).encode()).hexdigest()))
+    return db
+
+
+def finish_building(db: sqlite3.Connection, path: str) -> None:
+    """Commit, checkpoint, and move the database into place (a half-built one never is)."""
     db.execute("COMMIT")
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     db.close()
-    os.replace(partial, path)
+    os.replace(path + ".part", path)
 
 
 def request_environ(token: str) -> dict:
@@ -209,20 +222,8 @@ def build_history(path: str, slots: int = 100_000, series: int = 200) -> None:
     open-ended, the others ended after a few months; user 'small' has 5 slots. Each has a feed."""
     if os.path.exists(path):
         return
-    os.makedirs(DATA, exist_ok=True)
     generator = random.Random(11)
-    partial = path + ".part"
-    for leftover in (partial, partial + "-wal", partial + "-shm"):
-        if os.path.exists(leftover):
-            os.remove(leftover)
-    db = sqlite3.connect(partial, isolation_level=None)
-    timeslot_export.apply_schema(db)
-    db.execute("BEGIN")
-    for user_id, name in ((1, "big"), (2, "small")):
-        db.execute("INSERT INTO users (id, uuid, username, token_digest) VALUES (?, ?, ?, ?)",
-                   (user_id, str(uuid.UUID(int=user_id)), name, hashlib.sha256(token_for(name).encode()).hexdigest()))
-        db.execute("INSERT INTO feeds (user_id, token_digest) VALUES (?, ?)",
-                   (user_id, hashlib.sha256(feed_secret(name).encode()).hexdigest()))
+    db = start_building(path)
     first = 1165536000                                                   # 2006-12-08, twenty years back
 
     def rows(user_id: int, count: int, rules: int):
@@ -240,10 +241,7 @@ def build_history(path: str, slots: int = 100_000, series: int = 200) -> None:
               "VALUES (?, ?, ?, ?, ?, ?, '2020-01-01T00:00:00Z', '2020-06-01T12:00:00Z')")
     db.executemany(insert, rows(1, slots, series))
     db.executemany(insert, rows(2, 5, 0))
-    db.execute("COMMIT")
-    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    db.close()
-    os.replace(partial, path)
+    finish_building(db, path)
 
 
 def feed_secret(name: str) -> str:
