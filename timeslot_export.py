@@ -3206,7 +3206,9 @@ class _RequestBody:
 class _ResponseWriter(simple_server.ServerHandler):
     """wsgiref's handler, speaking HTTP/1.1: a body without Content-Length goes chunked, so a client can tell
     an export cut short from a complete one; no body at all for HEAD, 1xx, 204 and 304; ``Connection: close``
-    when the connection ends after this response."""
+    when the connection ends after this response. An HTTP/1.0 client keeps its connection only when it asked
+    (``Connection: keep-alive``) and the response has a length, and is then told so with ``Connection:
+    keep-alive`` (RFC 9112 §9.3, Appendix C.2.2): a 1.0 client that is not told waits for the close."""
 
     http_version = "1.1"
 
@@ -3228,6 +3230,8 @@ class _ResponseWriter(simple_server.ServerHandler):
                 self.request_handler.close_connection = True
         if self.request_handler.close_connection:
             self.headers["Connection"] = "close"
+        elif self.request_handler.request_version == "HTTP/1.0":
+            self.headers["Connection"] = "keep-alive"       # http.server kept it open: the client asked
 
     def send_headers(self) -> None:
         super().send_headers()

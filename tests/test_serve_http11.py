@@ -212,6 +212,40 @@ def test_an_http_1_0_client_gets_its_answer_and_the_close(db_path, small_and_lar
         assert status == 200 and framing == "length" and client.closed()
 
 
+def test_an_http_1_0_client_that_asks_for_keep_alive_is_told_or_closed(db_path, small_and_large):
+    """RFC 9112 §9.3 and Appendix C.2.2: persistent only when the 1.0 client asked, the response says
+    `Connection: keep-alive` and it carries a length (or has no body); otherwise closed after the response."""
+    small, large = small_and_large
+    local = make_client(db_path)
+    tag = local.get(EXPORT, headers=auth(small)).headers["ETag"]
+    keep_alive = ["Connection: keep-alive"]
+    with http11_server(db_path) as port:
+        client = Client(port)
+        started = time.monotonic()
+        for method, headers, expected_status in (("POST", authorization(small), 200),
+                                                 ("HEAD", authorization(small), 200),
+                                                 ("GET", [*authorization(small), f"If-None-Match: {tag}"], 304),
+                                                 ("GET", ["Authorization: Token token=wrong"], 401)):
+            client.send(request(method, headers=[*headers, *keep_alive], version="HTTP/1.0"))
+            status, answer, body, framing = client.response(head=method == "HEAD")
+            assert status == expected_status and answer["connection"] == "keep-alive"
+            assert framing in ("length", "none") and "transfer-encoding" not in answer
+        assert not client.closed(within=0.3)                                  # it stays open: the client asked
+        client.send(request("POST", headers=[*authorization(large), *keep_alive], version="HTTP/1.0"))
+        status, answer, body, framing = client.response()
+        assert (status, body) == (200, local.post(EXPORT, headers=auth(large)).body)
+        assert answer["connection"] == "close" and framing == "close"        # no length: the close ends it
+        assert client.closed() and time.monotonic() - started < 5             # never the idle timeout
+        client = Client(port)
+        client.send(request("POST", headers=authorization(small), version="HTTP/1.0"))
+        status, answer, body, framing = client.response()
+        assert answer["connection"] == "close" and framing == "length" and client.closed(within=2)
+        client = Client(port)
+        client.send(request("GET", headers=[*authorization(small), "Connection: keep-alive, close"],
+                            version="HTTP/1.0"))
+        assert client.response()[1]["connection"] == "close" and client.closed(within=2)
+
+
 def test_connection_close_is_honoured(db_path, small_and_large):
     small, _ = small_and_large
     with http11_server(db_path) as port:
