@@ -21,7 +21,7 @@ Run it:
 
 Configuration (environment, read once): TIMESLOT_DB, TIMESLOT_CORS_ORIGINS, TIMESLOT_REFRESH_MINUTES,
 TIMESLOT_BASE_URL, TIMESLOT_MAX_FEEDS, TIMESLOT_MAX_BODY_BYTES, TIMESLOT_BUSY_TIMEOUT_MS, TIMESLOT_LOG_LEVEL,
-TIMESLOT_DB_REPLICA. See README.md.
+TIMESLOT_DB_REPLICA. See README.md (the front door) and docs/ (one file per question).
 """
 
 from __future__ import annotations
@@ -3811,7 +3811,9 @@ def _parser() -> argparse.ArgumentParser:
     database = _ArgumentParser(add_help=False)
     database.add_argument("--db", default=None,
                           help=f"SQLite database (default: $TIMESLOT_DB, else {DEFAULT_DB})")
-    parser = _ArgumentParser(prog="timeslot-export", description=__doc__.split("\n")[0])
+    parser = _ArgumentParser(prog="timeslot-export", description=__doc__.split("\n")[0],
+                             epilog="Documentation: README.md (the front door) and docs/: production.md, "
+                                    "several-machines.md, time-zones.md, performance.md, decisions.md and more.")
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
     commands.add_parser("initdb", parents=[database], help="create the schema (idempotent)")

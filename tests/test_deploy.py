@@ -1,4 +1,4 @@
-"""The deployment files of deploy/ (README.md, "Running in production"): the systemd unit passes
+"""The deployment files of deploy/ (docs/production.md, docs/several-machines.md): the systemd unit passes
 `systemd-analyze verify`, the nginx site, started for real in front of `serve`, proxies exports and
 keeps feed secrets out of its access log, and the load balancer of several machines sends feed changes to
 the primary and the rest to a replica."""
