@@ -851,18 +851,21 @@ class Database:
         None where that cannot be asked (no OFD locks, no lock file)."""
         if fcntl is None or not hasattr(fcntl, "F_OFD_GETLK"):
             return None
-        shm = self.path + "-shm"
-        path, offset = (shm, 120) if os.path.exists(shm) else (self.path, 0x40000001)
         try:
-            descriptor = self._lock_file(path)
+            path, offset = self.path + "-shm", 120
+            try:
+                inode = os.stat(path).st_ino
+            except FileNotFoundError:
+                path, offset = self.path, 0x40000001
+                inode = os.stat(path).st_ino
+            descriptor = self._lock_file(path, inode)
             answer = fcntl.fcntl(descriptor, fcntl.F_OFD_GETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, offset, 1, 0))
         except OSError:
             return None
         return struct.unpack("hhqqi", answer)[0] != fcntl.F_UNLCK
 
-    def _lock_file(self, path: str) -> int:
+    def _lock_file(self, path: str, inode: int) -> int:
         """A read-only descriptor of ``path`` to ask its locks, kept while the file is the same file."""
-        inode = os.stat(path).st_ino
         known = self._lock_files.get(path)
         if known is not None and known[0] == inode:
             return known[1]
