@@ -2227,6 +2227,12 @@ def parse_http_date(text: str, now: float) -> int | None:
     return calendar.timegm(moment.timetuple())
 
 
+@functools.lru_cache(maxsize=1024)
+def http_date(seconds: int) -> str:
+    """An IMF-fixdate (RFC 9110 §5.6.7); cached, as a calendar's date repeats on every request until it changes."""
+    return format_date_time(seconds)
+
+
 def not_modified(request: Request, etag: str, last_modified: int | None, now: float) -> bool:
     """RFC 9110 §13.2.2 for GET and HEAD: If-None-Match decides when it is sent; otherwise an
     If-Modified-Since that is a valid date, not in the future, and not earlier than the Last-Modified the
@@ -2704,7 +2710,7 @@ def calendar_response(app: "ExportApp", request: Request, session: Session, sele
     now = session.started                    # when the snapshot began: the moment the date must not pass
     modified = last_modified(app, session, selection, zones, now)
     if modified is not None:
-        headers.append(("Last-Modified", format_date_time(modified)))
+        headers.append(("Last-Modified", http_date(modified)))
     if request.method in ("GET", "HEAD") and not_modified(request, etag, modified, now):
         return Response(HTTPStatus.NOT_MODIFIED, headers, close=session.close)
     chunks = export_calendar(session, selection.user_id, group, style, zones, window)
