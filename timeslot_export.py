@@ -2822,7 +2822,7 @@ def handle_subscribe_page(app: "ExportApp", request: Request, secret: str) -> Re
             feed, group = subscribed_feed(session, secret)
     except HTTPError as error:
         return page_error(error.status)
-    calendar_name = group.name if group is not None and is_written(group.name) else "Timeslot"
+    calendar_name = CalendarStyle.of(group).name          # the calendar's own NAME, as the feed writes it
     return subscribe_page(feed, calendar_name, feed_urls(public_base(app, request), secret))
 
 
