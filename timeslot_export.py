@@ -919,7 +919,8 @@ class Database:
     def session(self) -> Session:
         """A read transaction on this thread's connection (or a new one)."""
         started = self._clock()
-        quiet = self.writing_now() is False                  # asked before the snapshot is taken
+        # Asked before the snapshot is taken; a replica's follower writes no change clocks, so it is not asked.
+        quiet = not self._replica and self.writing_now() is False
         identity = self._identity()
         guard = epoch = None
         if self._replica:
