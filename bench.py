@@ -14,7 +14,7 @@ things timed in the same run, interleaved, taking the median of the repetitions:
           vs. the same SQL statements on an already open connection                     target <= 3x
   replica the small export on a replica (`serve --replica`) vs the default, on a copy in rollback-journal
           mode (connections kept under the follower guard) and in WAL mode (a connection per request)
-          (figures for the README, no target)
+          (figures for docs/performance.md, no target)
   window  a 30-day window (from/to) of a user with 100,000 seed-like slots over 20 years, with open-ended and
           ended weekly series among them, in process
           vs. fetching just the slots it exports with a plain SELECT by their ids      target <= 3x
@@ -358,7 +358,7 @@ def bench_small(path: str) -> tuple[float, str]:
 
 
 def bench_replica(path: str) -> tuple[float, str]:
-    """The cost of the scale-out recipe (README, "Several instances on several machines"): the small export
+    """The cost of the scale-out recipe (docs/several-machines.md): the small export
     on a replica (`serve --replica`) vs the default. A Litestream copy is in rollback-journal mode once the
     follower has changed its page 1 (then connections are kept while the follower guard holds), in WAL mode
     before (a connection per request): both are measured, on copies of the database in each mode."""

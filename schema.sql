@@ -283,7 +283,7 @@ END;
 -- in whole Unix seconds rounded up (the second after the change began), moved by these triggers whenever
 -- `version` is, from the database's own clock, never from `updated_at`; it never goes backwards. Writers set
 -- nothing. Several changes within one second share it, so the service tells them apart by the moment it
--- reads: a date is only handed out for a state that no write still in progress can share (README.md,
+-- reads: a date is only handed out for a state that no write still in progress can share (docs/caching.md,
 -- "Last-Modified"). An `initdb` on an older database starts every existing user's clock at that moment.
 ALTER TABLE export_versions ADD COLUMN changed INTEGER;
 CREATE TRIGGER IF NOT EXISTS export_versions_changed_insert AFTER INSERT ON export_versions BEGIN

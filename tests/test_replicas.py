@@ -3,7 +3,7 @@
 One primary takes writes (a new slot every 250 ms, a deletion now and then) and `litestream replicate`
 ships them to a file:// replica. Two "replica machines" each run deploy/timeslot-follow (`litestream
 restore -f` into a copy of their own) and `serve --replica` on that copy, while clients request both
-instances back to back. The README's recipe ("Several instances on several machines") is this set-up with
+instances back to back. The recipe of docs/several-machines.md is this set-up with
 real paths. The faster tests before it show why a replica needs --replica (a kept connection blocks the
 follower, or misses its change) and what the follower guard does, with the follower's lock taken by hand.
 
