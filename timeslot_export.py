@@ -2360,11 +2360,6 @@ def group_value(value: object) -> str | None:
     return value.lower()
 
 
-def group_parameter(request: Request, limit: int) -> str | None:
-    """SPEC §3 Parameters: the lowercase group uuid, or None for all slots. The body wins over the query."""
-    return group_value(request_parameters(request, limit, ("group",)).get("group"))
-
-
 _WINDOW_BOUND = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})(?:T([0-9]{2}):([0-9]{2}):([0-9]{2})Z)?")
 
 
@@ -2523,9 +2518,10 @@ def _csp_hash(source: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode("utf-8")).digest()).decode("ascii") + "'"
 
 
-_BASE_POLICY = f"default-src 'none'; style-src {_csp_hash(PAGE_STYLE)}; base-uri 'none'; form-action 'none'; "
-PAGE_POLICY = _BASE_POLICY + f"frame-ancestors 'none'; script-src {_csp_hash(PAGE_SCRIPT)}"
-ERROR_PAGE_POLICY = _BASE_POLICY + "frame-ancestors 'none'"            # the 404 and 410 pages run no script
+# The 404 and 410 pages run no script; the subscribe page runs its own.
+ERROR_PAGE_POLICY = (f"default-src 'none'; style-src {_csp_hash(PAGE_STYLE)}; base-uri 'none'; form-action 'none'; "
+                     "frame-ancestors 'none'")
+PAGE_POLICY = f"{ERROR_PAGE_POLICY}; script-src {_csp_hash(PAGE_SCRIPT)}"
 # What every subscribe page and its 404/410 carry besides: a click on a client's link must not hand the
 # secret URL to that site (Referer), no search engine may keep it, and no cache may store it.
 PAGE_HEADERS = (("Referrer-Policy", "no-referrer"), ("X-Robots-Tag", "noindex"),
