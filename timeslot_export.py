@@ -736,23 +736,43 @@ class _FollowerGuard:
             self._lock_request(fcntl.F_OFD_SETLK, fcntl.F_UNLCK, self.SHARED_FIRST, self.SHARED_SIZE)
             self._held = False
 
-    def epoch(self) -> int | None:
+    def epoch(self, give_way_seconds: float = 0.0) -> int | None:
         """The epoch a connection may be kept in, taking the guard if it is free; None when no connection
-        may be kept now (a follower waits or writes, the file is in WAL mode, or the guard is closed)."""
-        with self._lock:
-            if self._closed or not self.usable:
+        may be kept now (a follower still waits or writes, the file is in WAL mode, or the guard is closed).
+
+        While a follower waits for its turn or writes, the request waits first, up to ``give_way_seconds``:
+        SQLite would not hold it back. Its pending byte stops only processes that hold no shared lock yet;
+        a connection of a process that already reads the file (another request) is given one at once. So
+        with requests overlapping, the follower would wait for a moment when none is in flight: seconds
+        with eight clients, more with sixteen (docs/several-machines.md). Waiting here, new requests let
+        the ones in flight finish, the follower write, and then read its change."""
+        deadline = pause = None
+        while True:
+            with self._lock:
+                if self._closed or not self.usable:
+                    return None
+                try:
+                    epoch = self._epoch_now()
+                except OSError as error:              # a kernel without OFD locks (before 3.15), say
+                    logger.warning("replica: connections are opened per request: %s", error)
+                    self.usable = False
+                    return None
+            if epoch is not self.FOLLOWER_TURN:
+                return epoch
+            now = time.monotonic()
+            if deadline is None:
+                deadline, pause = now + give_way_seconds, 0.001
+            if now >= deadline:                       # a follower that takes long: SQLite's busy timeout rules
                 return None
-            try:
-                return self._epoch_now()
-            except OSError as error:                  # a kernel without OFD locks (before 3.15), say
-                logger.warning("replica: connections are opened per request: %s", error)
-                self.usable = False
-                return None
+            time.sleep(min(pause, deadline - now))
+            pause = min(2 * pause, 0.01)              # a commit is applied in a few ms, a batch in tens
+
+    FOLLOWER_TURN = -1                                # _epoch_now's answer while a follower waits or writes
 
     def _epoch_now(self) -> int | None:
         if self._follower_waiting():
             self._release()
-            return None
+            return self.FOLLOWER_TURN
         if not self._held:
             if not self._rollback_journal_mode():
                 return None
@@ -823,9 +843,9 @@ class Database:
     _FollowerGuard stops the follower from writing (Linux, the file in rollback-journal mode, as a copy is
     after Litestream's first change of its page 1), and only within the epoch it was opened in; otherwise
     each request opens a connection and closes it at the end (a connection to a file in WAL mode keeps a
-    shared lock for as long as it is open). Either way a request that starts while the follower writes
-    waits for it (the busy timeout) and then reads the new state, and a request in progress keeps its
-    snapshot: the follower waits for it to finish."""
+    shared lock for as long as it is open). Either way a request that starts while the follower waits
+    for its turn or writes waits for it (the guard gives way, up to the busy timeout) and then reads the
+    new state, and a request in progress keeps its snapshot: the follower waits for it to finish."""
 
     def __init__(self, path: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS, replica: bool = False,
                  clock: Callable[[], float] = time.time):
@@ -925,7 +945,7 @@ class Database:
         guard = epoch = None
         if self._replica:
             guard = self._replica_guard(identity)
-            epoch = guard.epoch() if guard is not None else None
+            epoch = guard.epoch(self._timeout) if guard is not None else None
             identity = (*identity, epoch)             # kept connections match only within their epoch
         idle = getattr(self._idle, "connection", None)
         self._idle.connection = None
