@@ -39,7 +39,7 @@ SERVERS = {
 APACHE = Path("/usr/sbin/apache2")
 MODULES = Path("/usr/lib/apache2/modules")
 
-# What README.md shows for mod_wsgi: its SetEnv does not reach os.environ, so a .wsgi file sets the
+# What docs/production.md shows for mod_wsgi: its SetEnv does not reach os.environ, so a .wsgi file sets the
 # variables and imports the module's application.
 WSGI_FILE = """import os, sys
 os.environ["TIMESLOT_DB"] = {db!r}
