@@ -85,8 +85,10 @@ DEFAULT_DB = "timeslot.sqlite3"
 
 MAX_BODY_BYTES = 64 * 1024          # request bodies larger than this get 413
 MAX_FORM_FIELDS = 100               # form bodies and query strings with more fields get 422
-CHUNK_CHARS = 32 * 1024             # the body streams in pieces of about this many characters
+CHUNK_BYTES = 32 * 1024             # the body streams in pieces of about this many octets
 PREBUFFER_BYTES = 64 * 1024         # a body that fits here is sent whole, with Content-Length
+EVENT_CACHE_BYTES = 4 * 1024 * 1024  # an application keeps events it wrote up to about this size (EventCache)
+EVENT_CACHE_ROWS = 1024             # ... from the first this many rows of each calendar
 BUSY_TIMEOUT_MS = 5000              # how long a read waits for a writer's lock before 503
 RETRY_AFTER_SECONDS = 2             # what a 503 asks clients to wait
 REFRESH_MINUTES = 60                # how often a feed asks calendar apps to poll
@@ -1610,9 +1612,13 @@ def escape_text(value: str) -> str:
 
 
 # Greedy pieces of at most 75 (first line) or 74 (continuations, after their SPACE) octets that never end
-# before a UTF-8 continuation byte: the regex backs off to the start of a character in C.
+# before a UTF-8 continuation byte: the regex backs off to the start of a character in C. The _PAIRED
+# forms also never end in a backslash, which is exact where every backslash starts an escape pair: the
+# piece is then one octet shorter, as _pieces_keeping_escapes would make it (see fold_utf8).
 _FIRST_PIECE = re.compile(b"(?s).{1,75}(?![\x80-\xbf])")
 _NEXT_PIECE = re.compile(b"(?s).{1,74}(?![\x80-\xbf])")
+_FIRST_PIECE_PAIRED = re.compile(b"(?s).{1,75}(?![\x80-\xbf])(?<!\\\\)")
+_NEXT_PIECE_PAIRED = re.compile(b"(?s).{1,74}(?![\x80-\xbf])(?<!\\\\)")
 
 
 def fold_line(line: str) -> str:
@@ -1626,12 +1632,31 @@ def fold_line(line: str) -> str:
         return line
     if ascii_only and "\\" not in line:      # one octet per character, no escape pair to keep whole
         return "\r\n ".join([line[:75]] + [line[i:i + 74] for i in range(75, len(line), 74)])
-    data = line.encode("utf-8")
+    return fold_utf8(line.encode("utf-8")).decode("utf-8")
+
+
+def fold_utf8(data: bytes) -> bytes:
+    """fold_line for a content line in UTF-8 (the event writer's text properties are bytes).
+
+    An escaped backslash ("\\\\") is folded as a stand-in that a fold cannot split either: "\\x01\\x80",
+    a control character (escape_utf8 drops those) and a continuation byte (no piece ends before one). The
+    backslashes left then each start an escape pair, so one regex pass in C folds the line exactly as
+    _pieces_keeping_escapes would."""
+    if len(data) <= 75:
+        return data
+    paired = b"\\\\" in data
+    if not paired or b"\x01" not in data:
+        first = _FIRST_PIECE_PAIRED.match(data.replace(b"\\\\", b"\x01\x80") if paired else data)
+        if first is not None:
+            pieces = _NEXT_PIECE_PAIRED.findall(first.string, first.end())
+            folded = b"\r\n ".join([first.group(), *pieces])
+            if len(folded) == len(data) + 3 * len(pieces):   # no octet skipped (a backslash at the end)
+                return folded.replace(b"\x01\x80", b"\\\\") if paired else folded
     first = _FIRST_PIECE.match(data).end()
     folded = b"\r\n ".join([data[:first]] + _NEXT_PIECE.findall(data, first))
     if b"\\\r\n " in folded:                # a fold right after a backslash: maybe inside an escape pair
         folded = b"\r\n ".join(_pieces_keeping_escapes(data))
-    return folded.decode("utf-8")
+    return folded
 
 
 def _pieces_keeping_escapes(data: bytes) -> list[bytes]:
@@ -1655,6 +1680,7 @@ def _pieces_keeping_escapes(data: bytes) -> list[bytes]:
 # are dropped, or only spaces and TABs: libical (Evolution, GNOME Calendar) reports an empty value as an
 # error and deletes the property, and it trims white space first.
 _BLANK_CHARACTERS = " \t" + "".join(map(chr, range(0x20))) + "\x7f"
+_BLANK_OCTETS = _BLANK_CHARACTERS.encode("ascii")
 
 
 def is_written(text: str) -> bool:
@@ -1665,6 +1691,37 @@ def is_written(text: str) -> bool:
 def text_property(name: str, value: str) -> str:
     """A folded ``NAME:value`` line with its CRLF, for a TEXT value."""
     return fold_line(name + ":" + escape_text(value)) + CRLF
+
+
+# The event writer's text is UTF-8, as the database hands it over (free text comes as BLOBs): every
+# character that escape_text or is_written looks at is one octet below 0x80, and no such octet is part of
+# a multi-octet sequence, so the same work on the octets gives the same text, without decoding it (for a
+# long description with non-Latin text, decoding, escaping as str and encoding again costs several times
+# more). Valid UTF-8 holds no surrogate.
+_TEXT_NEEDS_WORK_UTF8 = re.compile(b"[\\\\;,\x00-\x08\x0a-\x1f\x7f]")
+_TEXT_DROPPED_UTF8 = re.compile(b"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def valid_utf8(raw: bytes) -> bytes:
+    """Free text from a BLOB-cast column as valid UTF-8: invalid sequences become U+FFFD, as _decode
+    makes them, instead of failing the export."""
+    if raw.isascii():
+        return raw
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "replace").encode("utf-8")
+    return raw
+
+
+def escape_utf8(value: bytes) -> bytes:
+    """escape_text for valid UTF-8."""
+    if _TEXT_NEEDS_WORK_UTF8.search(value) is None:
+        return value
+    value = value.replace(b"\\", b"\\\\").replace(b";", b"\\;").replace(b",", b"\\,")
+    if b"\r" in value:
+        value = value.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    return _TEXT_DROPPED_UTF8.sub(b"", value.replace(b"\n", b"\\n"))
 
 
 def format_decimal(value: float) -> str:
@@ -1831,7 +1888,7 @@ def calendar_header(style: CalendarStyle) -> str:
     return lines
 
 
-CALENDAR_FOOTER = "END:VCALENDAR" + CRLF
+CALENDAR_FOOTER = b"END:VCALENDAR\r\n"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1865,11 +1922,13 @@ class CalendarZones:
 NO_ZONES = CalendarZones()
 
 
-def _location_text(name: str, street: str, postal_code: str, city: str, country: str) -> str:
+def _location_utf8(name: bytes, street: bytes | None, postal_code: bytes | None, city: bytes | None,
+                   country: bytes | None) -> bytes:
     """'name, street, postal_code city, country' of the parts that are not empty (nor blank, which would
-    show as stray commas)."""
-    town = " ".join(part for part in (postal_code, city) if is_written(part))
-    return ", ".join(part for part in (name, street, town, country) if is_written(part))
+    show as stray commas), as valid UTF-8 (the separators are ASCII: checking the joined text is checking
+    each part)."""
+    town = b" ".join([part for part in (postal_code, city) if part and part.strip(_BLANK_OCTETS)])
+    return valid_utf8(b", ".join([part for part in (name, street, town, country) if part and part.strip(_BLANK_OCTETS)]))
 
 
 def _date_time(name: str, instant: str, zone: TimeZone | None) -> tuple[str, TimeZone | None]:
@@ -1898,11 +1957,12 @@ def _exdate(occurrences: str, all_day: bool, zone: TimeZone | None) -> str:
     return fold_line(name + ":" + ",".join(values)) + CRLF if values else ""
 
 
-def write_event(row: tuple, style: CalendarStyle, zones: Mapping[str, TimeZone] = NO_ZONES.by_name) -> str:
-    """One VEVENT (with its VALARMs) for a slot row of SQL_USER_SLOTS, in the property order of SPEC §4;
-    a timed slot whose zone is in ``zones`` is written in its wall-clock time, any other in UTC.
+def write_event(row: tuple, style: CalendarStyle, zones: Mapping[str, TimeZone] = NO_ZONES.by_name) -> bytes:
+    """One VEVENT (with its VALARMs) in UTF-8 for a slot row of SQL_USER_SLOTS, in the property order of
+    SPEC §4; a timed slot whose zone is in ``zones`` is written in its wall-clock time, any other in UTC.
 
-    This runs once per slot, so each block is one f-string (one allocation) rather than a chain of +."""
+    This runs once per slot: the ASCII part is one f-string (one allocation), encoded once; the free text
+    stays in the UTF-8 the database gave (escape_utf8)."""
     (uid, created, updated, start, end, all_day, rule, visibility, title, description,
      place, street, postal_code, city, country, latitude, longitude, alerts, zone_name, exdates) = row
     zone = None                                 # the zone DTSTART is written in; the recurrence follows it
@@ -1912,10 +1972,15 @@ def write_event(row: tuple, style: CalendarStyle, zones: Mapping[str, TimeZone] 
         times = f"DTSTART;VALUE=DATE:{start[:8]}\r\n" + (f"DTEND;VALUE=DATE:{end_date}\r\n" if end_date else "")
     elif slot_zone is None:
         times = f"DTSTART:{start}\r\n" if end is None or end == start else f"DTSTART:{start}\r\nDTEND:{end}\r\n"
-    else:
-        times, zone = _date_time("DTSTART", start, slot_zone)
+    else:                                       # _date_time, inlined: zoned slots are half of some calendars
+        local = slot_zone.local_time(start)
+        if local is None:
+            times = f"DTSTART:{start}\r\n"
+        else:
+            times, zone = f"DTSTART;TZID={slot_zone.name}:{local}\r\n", slot_zone
         if end is not None and end != start:
-            times += _date_time("DTEND", end, slot_zone)[0]
+            local = slot_zone.local_time(end)
+            times += f"DTEND:{end}\r\n" if local is None else f"DTEND;TZID={slot_zone.name}:{local}\r\n"
     recurrence = ""
     if rule:
         recurrence, problem = format_recurrence(rule, bool(all_day), zone)
@@ -1923,31 +1988,28 @@ def write_event(row: tuple, style: CalendarStyle, zones: Mapping[str, TimeZone] 
             logger.warning("slot %s: invalid RRULE %r left out: %s", uid, rule, problem)
         elif exdates:
             recurrence += _exdate(exdates, all_day, zone)
-    head = (f"BEGIN:VEVENT\r\nUID:{uid}\r\nDTSTAMP:{updated}\r\nCREATED:{created}\r\n"
-            f"LAST-MODIFIED:{updated}\r\n{times}{recurrence}")
     if style.busy:
-        return f"{head}CLASS:PRIVATE\r\nSUMMARY:Busy\r\nEND:VEVENT\r\n"
-    event = f"{head}CLASS:{CLASS_BY_VISIBILITY[visibility]}\r\n"
-    title_text = title.decode("utf-8", "replace")                     # title, description: NOT NULL
-    summary = escape_text(title_text) if is_written(title_text) else None
-    if summary is not None:
-        event += fold_line("SUMMARY:" + summary) + CRLF
-    description_text = description.decode("utf-8", "replace")
-    if is_written(description_text):
-        event += text_property("DESCRIPTION", description_text)
+        return (f"BEGIN:VEVENT\r\nUID:{uid}\r\nDTSTAMP:{updated}\r\nCREATED:{created}\r\nLAST-MODIFIED:{updated}"
+                f"\r\n{times}{recurrence}CLASS:PRIVATE\r\nSUMMARY:Busy\r\nEND:VEVENT\r\n").encode("utf-8")
+    event = (f"BEGIN:VEVENT\r\nUID:{uid}\r\nDTSTAMP:{updated}\r\nCREATED:{created}\r\nLAST-MODIFIED:{updated}"
+             f"\r\n{times}{recurrence}CLASS:{CLASS_BY_VISIBILITY[visibility]}\r\n").encode("utf-8")
+    summary = escape_utf8(valid_utf8(title)) if title.strip(_BLANK_OCTETS) else None   # title, description:
+    if summary is not None:                                                           # NOT NULL
+        event += fold_utf8(b"SUMMARY:" + summary) + b"\r\n"
+    if description.strip(_BLANK_OCTETS):
+        event += fold_utf8(b"DESCRIPTION:" + escape_utf8(valid_utf8(description))) + b"\r\n"
     if place is not None:    # locations.name is NOT NULL: None means the slot has no location
-        location = _location_text(_decode(place), _decode(street), _decode(postal_code), _decode(city),
-                                  _decode(country))
-        if is_written(location):
-            event += text_property("LOCATION", location)
+        location = _location_utf8(place, street, postal_code, city, country)
+        if location:
+            event += fold_utf8(b"LOCATION:" + escape_utf8(location)) + b"\r\n"
     if latitude is not None:
-        event += f"GEO:{format_decimal(latitude)};{format_decimal(longitude)}\r\n"
+        event += f"GEO:{format_decimal(latitude)};{format_decimal(longitude)}\r\n".encode("ascii")
     if alerts is not None and style.alarms:
-        alarm_description = fold_line("DESCRIPTION:" + (summary if summary is not None else "Reminder"))
+        alarm_description = fold_utf8(b"DESCRIPTION:" + (summary if summary is not None else b"Reminder"))
         for minutes in sorted(map(int, alerts.split(","))):
-            event += (f"BEGIN:VALARM\r\nACTION:DISPLAY\r\n{alarm_description}\r\n"
-                      f"TRIGGER:-PT{minutes}M\r\nEND:VALARM\r\n")
-    return event + "END:VEVENT\r\n"
+            event += (b"BEGIN:VALARM\r\nACTION:DISPLAY\r\n%s\r\nTRIGGER:-PT%dM\r\nEND:VALARM\r\n"
+                      % (alarm_description, minutes))
+    return event + b"END:VEVENT\r\n"
 
 
 _UNTIL = re.compile(r"UNTIL=([0-9]{8})(?:T([0-9]{6})Z)?")
@@ -2011,33 +2073,74 @@ def calendar_zones(session: Session, user_id: int, group: Group | None, window: 
     return CalendarZones.of(sorted(earliest.items()))
 
 
+class EventCache:
+    """Events an application has written, by everything an event is written from: the slot's row, the
+    style's busy and alarms, and the zone (a new TimeZone object once its file changed). Most exports
+    write what the previous one wrote (a calendar app polls, a few slots change), and looking an event up
+    costs a small part of writing it again; the body is the same bytes either way.
+
+    Only the first EVENT_CACHE_ROWS rows of each calendar are looked up and kept: a longer calendar would
+    push everything else out and pay the lookups for nothing. The size is bounded (events and their rows,
+    about EVENT_CACHE_BYTES); when it is reached the oldest go first. A slot whose rule is invalid is
+    therefore warned about when its event is written, not at every export."""
+
+    def __init__(self, budget: int = EVENT_CACHE_BYTES):
+        self._events: dict[tuple, bytes] = {}
+        self._size = 0
+        self._budget = budget
+        self._lock = threading.Lock()
+        self.get = self._events.get                    # lookups take no lock: a dict read is atomic
+
+    def put(self, key: tuple, event: bytes) -> None:
+        cost = 2 * len(event) + 256                    # the row holds about the event's text, plus the keys
+        with self._lock:
+            if key in self._events:
+                return
+            self._events[key] = event
+            self._size += cost
+            while self._size > self._budget and self._events:
+                oldest = next(iter(self._events))
+                self._size -= 2 * len(self._events.pop(oldest)) + 256
+
+
 def export_calendar(session: Session, user_id: int, group: Group | None, style: CalendarStyle,
-                    zones: CalendarZones | None = None, window: Window | None = None) -> Iterator[bytes]:
+                    zones: CalendarZones | None = None, window: Window | None = None,
+                    cache: EventCache | None = None) -> Iterator[bytes]:
     """The one calendar the API, the feeds and the CLI export: the user's slots, all or one group's, all
     or those a date window selects."""
     if zones is None:
         zones = calendar_zones(session, user_id, group, window)
     batches = session.slot_batches(user_id, group.id if group else None, window)
-    return write_calendar(batches if window is None else _selected(batches, window), style, zones)
+    return write_calendar(batches if window is None else _selected(batches, window), style, zones, cache)
 
 
 def write_calendar(batches: Iterable[list[tuple]], style: CalendarStyle,
-                   zones: CalendarZones = NO_ZONES) -> Iterator[bytes]:
-    """The whole calendar as UTF-8 pieces of about CHUNK_CHARS characters, produced as rows arrive: the
-    header, the VTIMEZONEs, then one event per row."""
-    parts = [calendar_header(style), zones.components]
+                   zones: CalendarZones = NO_ZONES, cache: EventCache | None = None) -> Iterator[bytes]:
+    """The whole calendar as UTF-8 pieces of about CHUNK_BYTES octets, produced as rows arrive: the
+    header, the VTIMEZONEs, then one event per row (the first ones from ``cache`` when it has them)."""
+    parts = [(calendar_header(style) + zones.components).encode("utf-8")]
     size = 0
     by_name = zones.by_name
+    flags = (style.busy, style.alarms)
+    cached = EVENT_CACHE_ROWS if cache is not None else 0
     for batch in batches:
         for row in batch:
-            event = write_event(row, style, by_name)
+            if cached:
+                cached -= 1
+                key = (row, flags, by_name.get(row[18]))
+                event = cache.get(key)
+                if event is None:
+                    event = write_event(row, style, by_name)
+                    cache.put(key, event)
+            else:
+                event = write_event(row, style, by_name)
             parts.append(event)
             size += len(event)
-            if size >= CHUNK_CHARS:
-                yield "".join(parts).encode("utf-8")
+            if size >= CHUNK_BYTES:
+                yield b"".join(parts)
                 parts, size = [], 0
     parts.append(CALENDAR_FOOTER)
-    yield "".join(parts).encode("utf-8")
+    yield b"".join(parts)
 
 
 def gzip_stream(chunks: Iterable[bytes]) -> Iterator[bytes]:
@@ -2730,7 +2833,7 @@ def calendar_response(app: "ExportApp", request: Request, session: Session, sele
         headers.append(("Last-Modified", http_date(modified)))
     if request.method in ("GET", "HEAD") and not_modified(request, etag, modified, now):
         return Response(HTTPStatus.NOT_MODIFIED, headers, close=session.close)
-    chunks = export_calendar(session, selection.user_id, group, style, zones, window)
+    chunks = export_calendar(session, selection.user_id, group, style, zones, window, app.events)
     if accepts(request.header("Accept-Encoding"), "gzip"):
         chunks = gzip_stream(chunks)
         headers.append(("Content-Encoding", "gzip"))
@@ -3076,6 +3179,7 @@ class ExportApp:
     def __init__(self, config: Config):
         self.config = config
         self.database = Database(config.db_path, config.busy_timeout_ms, config.replica, config.clock)
+        self.events = EventCache()
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         started = time.perf_counter()

@@ -405,7 +405,93 @@ def test_busy_style_shows_nothing_personal():
     row = ("u", "20190101T000000Z", "20190101T000000Z", "20190102T100000Z", "20190102T110000Z", 0, "FREQ=DAILY",
            "public", b"Secret title", b"Secret description", b"Secret place", None, None, None, None, 1.0, 2.0, "5",
            "", "20190103T100000Z")
-    event = timeslot_export.write_event(row, timeslot_export.CalendarStyle(busy=True, alarms=False))
+    event = timeslot_export.write_event(row, timeslot_export.CalendarStyle(busy=True, alarms=False)).decode("utf-8")
     assert "Secret" not in event and "GEO" not in event and "VALARM" not in event and "DESCRIPTION" not in event
     assert "SUMMARY:Busy\r\n" in event and "CLASS:PRIVATE\r\n" in event and "RRULE:FREQ=DAILY\r\n" in event
     assert "RRULE:FREQ=DAILY\r\nEXDATE:20190103T100000Z\r\nCLASS:PRIVATE\r\n" in event      # cancellations stay
+
+
+# --- the event writer's UTF-8 text path ------------------------------------------------------------------------
+
+def random_stored_text(generator):
+    """Text as a writer may store it: escapes, controls, line breaks, multi-octet and long runs, escaped
+    backslashes, and now and then octets that are not UTF-8 (a truncated sequence, a surrogate, a stray byte)."""
+    pieces = ["\\", ";", ",", "\n", "\r", "\r\n", "\t", " ", "\x00", "\x01", "\x07", "\x7f", "a", "\u00e9", "\u6771",
+              "\U0001F600", "\u2028", "x" * 70, "\\\\", "\\n", "\\,"]
+    raw = "".join(generator.choice(pieces) for _ in range(generator.choice([0, 1, 3, 10, 40, 200]))).encode()
+    if generator.random() < 0.2:
+        cut = generator.randrange(len(raw) + 1)
+        raw = raw[:cut] + generator.choice([b"\xff", b"\xe2\x82", b"\xed\xa0\x80", b"\x80", b"\xc3"]) + raw[cut:]
+    return raw
+
+
+def test_the_utf8_text_path_writes_what_the_text_path_writes():
+    """write_event escapes and folds the database's UTF-8 as it is (escape_utf8, fold_utf8); every line must be
+    the one text_property writes for the decoded text, invalid octets becoming U+FFFD the same way."""
+    generator = random.Random(20261203)
+    for _ in range(5000):
+        raw = random_stored_text(generator)
+        expected = text_property("DESCRIPTION", raw.decode("utf-8", "replace")).encode()
+        written = timeslot_export.fold_utf8(b"DESCRIPTION:" + timeslot_export.escape_utf8(timeslot_export.valid_utf8(raw)))
+        assert written + b"\r\n" == expected, raw
+        assert bool(raw.strip(timeslot_export._BLANK_OCTETS)) == timeslot_export.is_written(raw.decode("utf-8", "replace"))
+
+
+def test_the_one_pass_fold_cuts_where_the_exact_one_does():
+    """fold_utf8's regex pass (escaped backslashes stood in for) against the piece-by-piece reference, on
+    lines dense with escape pairs around every fold point."""
+    generator = random.Random(3)
+    for _ in range(5000):
+        text = "".join(generator.choice(["\\", ";", ",", "a", "\u00e9", "\u20ac", "\n"])
+                       for _ in range(generator.randrange(60, 400)))
+        data = ("SUMMARY:" + escape_text(text)).encode()
+        assert timeslot_export.fold_utf8(data) == b"\r\n ".join(timeslot_export._pieces_keeping_escapes(data))
+
+
+def slot_row(title=b"Title", zone_name="", **changes):
+    row = dict(uid="u", created="20190101T000000Z", updated="20190101T000000Z", start="20190102T100000Z",
+               end="20190102T110000Z", all_day=0, rule="", visibility="public", title=title, description=b"",
+               place=None, street=None, postal_code=None, city=None, country=None, latitude=None, longitude=None,
+               alerts="15", zone_name=zone_name, exdates=None)
+    row.update(changes)
+    return tuple(row.values())
+
+
+def test_the_event_cache_answers_what_the_writer_writes_for_each_style_and_zone():
+    cache = timeslot_export.EventCache()
+    berlin = timeslot_export.time_zone("Europe/Berlin")
+    zones = timeslot_export.CalendarZones({"Europe/Berlin": berlin})
+    rows = [slot_row(), slot_row(zone_name="Europe/Berlin"), slot_row(title=b"Other")]
+    for style in (timeslot_export.DEFAULT_STYLE, timeslot_export.CalendarStyle(busy=True, alarms=False),
+                  timeslot_export.CalendarStyle(alarms=False)):
+        fresh = b"".join(timeslot_export.write_calendar([rows], style, zones))
+        assert b"".join(timeslot_export.write_calendar([rows], style, zones, cache)) == fresh     # filled
+        assert b"".join(timeslot_export.write_calendar([rows], style, zones, cache)) == fresh     # answered
+    assert b"SUMMARY:Busy" not in b"".join(timeslot_export.write_calendar([rows], timeslot_export.DEFAULT_STYLE,
+                                                                        zones, cache))
+    utc = b"".join(timeslot_export.write_calendar([rows], timeslot_export.DEFAULT_STYLE, timeslot_export.NO_ZONES, cache))
+    assert b"TZID=Europe/Berlin" not in utc               # the same row without its zone's data: in UTC
+
+
+def test_the_event_cache_stays_within_its_budget_and_keeps_only_the_first_rows(monkeypatch):
+    cache = timeslot_export.EventCache(budget=20_000)
+    rows = [slot_row(uid=f"u{n}", description=b"d" * 500) for n in range(200)]
+    body = b"".join(timeslot_export.write_calendar([rows], timeslot_export.DEFAULT_STYLE, cache=cache))
+    assert body.count(b"BEGIN:VEVENT") == 200
+    assert cache._size <= 20_000 and 0 < len(cache._events) < 200
+    assert set(key[0][0] for key in cache._events) == {f"u{n}" for n in range(200 - len(cache._events), 200)}
+    monkeypatch.setattr(timeslot_export, "EVENT_CACHE_ROWS", 3)
+    cache = timeslot_export.EventCache()
+    timeslot_export.write_calendar([rows], timeslot_export.DEFAULT_STYLE, cache=cache).__next__()
+    assert sorted(key[0][0] for key in cache._events) == ["u0", "u1", "u2"]
+
+
+def test_an_export_after_a_change_shows_the_change_with_the_cache_warm(client, data):
+    user_id, token = data.user()
+    slot_id, _ = data.slot(user_id, title="Before")
+    assert b"SUMMARY:Before" in client.post(EXPORT, headers=auth(token)).body
+    # updated_at stays: the cache must not trust a writer to move it (the row itself is the key)
+    data.db.execute("UPDATE slots SET title = 'After' WHERE id = ?", (slot_id,))
+    data.db.execute("INSERT INTO slot_alerts (slot_id, minutes_before) VALUES (?, 30)", (slot_id,))
+    body = client.post(EXPORT, headers=auth(token)).body
+    assert b"SUMMARY:After" in body and b"TRIGGER:-PT30M" in body and b"Before" not in body
