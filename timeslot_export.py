@@ -1137,6 +1137,7 @@ def _day_text(day_number: int) -> str:
 
 
 _MINUTE_TEXT = tuple(f"{minute // 60:02d}{minute % 60:02d}" for minute in range(1440))   # "0000" .. "2359"
+_MINUTE_OF = {text: minute for minute, text in enumerate(_MINUTE_TEXT)}                 # and back
 FIRST_DAY, LAST_DAY = 1 - EPOCH_ORDINAL, datetime.date.max.toordinal() - EPOCH_ORDINAL
 
 
@@ -1428,7 +1429,7 @@ class TimeZone:
         whole minutes (every zone since the 1970s) the seconds stay as they are, the hours and minutes come
         from a table, and the date is formatted only when the offset crosses midnight."""
         day = _day_number(instant[:8])
-        minute = int(instant[9:11]) * 60 + int(instant[11:13])
+        minute = _MINUTE_OF[instant[9:13]]
         at = (day * 1440 + minute) * 60 + int(instant[13:15])
         if at < RULE_TABLE_END:                        # _last_change, inlined for the common case
             index = bisect.bisect_right(self._instants, at) - 1
@@ -1993,15 +1994,19 @@ def write_event(row: tuple, style: CalendarStyle, zones: Mapping[str, TimeZone] 
                 f"\r\n{times}{recurrence}CLASS:PRIVATE\r\nSUMMARY:Busy\r\nEND:VEVENT\r\n").encode("utf-8")
     event = (f"BEGIN:VEVENT\r\nUID:{uid}\r\nDTSTAMP:{updated}\r\nCREATED:{created}\r\nLAST-MODIFIED:{updated}"
              f"\r\n{times}{recurrence}CLASS:{CLASS_BY_VISIBILITY[visibility]}\r\n").encode("utf-8")
-    summary = escape_utf8(valid_utf8(title)) if title.strip(_BLANK_OCTETS) else None   # title, description:
-    if summary is not None:                                                           # NOT NULL
-        event += fold_utf8(b"SUMMARY:" + summary) + b"\r\n"
+    summary = None                                    # title, description: NOT NULL
+    if title.strip(_BLANK_OCTETS):
+        summary = escape_utf8(title if title.isascii() else valid_utf8(title))
+        line = b"SUMMARY:" + summary
+        event += (line if len(line) <= 75 else fold_utf8(line)) + b"\r\n"
     if description.strip(_BLANK_OCTETS):
-        event += fold_utf8(b"DESCRIPTION:" + escape_utf8(valid_utf8(description))) + b"\r\n"
+        line = b"DESCRIPTION:" + escape_utf8(description if description.isascii() else valid_utf8(description))
+        event += (line if len(line) <= 75 else fold_utf8(line)) + b"\r\n"
     if place is not None:    # locations.name is NOT NULL: None means the slot has no location
         location = _location_utf8(place, street, postal_code, city, country)
         if location:
-            event += fold_utf8(b"LOCATION:" + escape_utf8(location)) + b"\r\n"
+            line = b"LOCATION:" + escape_utf8(location)
+            event += (line if len(line) <= 75 else fold_utf8(line)) + b"\r\n"
     if latitude is not None:
         event += f"GEO:{format_decimal(latitude)};{format_decimal(longitude)}\r\n".encode("ascii")
     if alerts is not None and style.alarms:
