@@ -1429,7 +1429,9 @@ class TimeZone:
         whole minutes (every zone since the 1970s) the seconds stay as they are, the hours and minutes come
         from a table, and the date is formatted only when the offset crosses midnight."""
         day = _day_number(instant[:8])
-        minute = _MINUTE_OF[instant[9:13]]
+        minute = _MINUTE_OF.get(instant[9:13])
+        if minute is None:                             # not a time of day: a file written past schema.sql's checks
+            minute = int(instant[9:11]) * 60 + int(instant[11:13])
         at = (day * 1440 + minute) * 60 + int(instant[13:15])
         if at < RULE_TABLE_END:                        # _last_change, inlined for the common case
             index = bisect.bisect_right(self._instants, at) - 1
@@ -1582,7 +1584,7 @@ def _load_time_zone(name: str, warn: bool = True) -> tuple["TimeZone | None", st
 
 
 # ---------------------------------------------------------------------------------------------------
-# iCalendar (RFC 5545): small pure functions, str until the final encode
+# iCalendar (RFC 5545): small pure functions; an event's free text stays UTF-8 bytes
 # ---------------------------------------------------------------------------------------------------
 
 CRLF = "\r\n"
@@ -1929,7 +1931,8 @@ def _location_utf8(name: bytes, street: bytes | None, postal_code: bytes | None,
     show as stray commas), as valid UTF-8 (the separators are ASCII: checking the joined text is checking
     each part)."""
     town = b" ".join([part for part in (postal_code, city) if part and part.strip(_BLANK_OCTETS)])
-    return valid_utf8(b", ".join([part for part in (name, street, town, country) if part and part.strip(_BLANK_OCTETS)]))
+    parts = [part for part in (name, street, town, country) if part and part.strip(_BLANK_OCTETS)]
+    return valid_utf8(b", ".join(parts))
 
 
 def _date_time(name: str, instant: str, zone: TimeZone | None) -> tuple[str, TimeZone | None]:

@@ -432,9 +432,10 @@ def test_the_utf8_text_path_writes_what_the_text_path_writes():
     for _ in range(5000):
         raw = random_stored_text(generator)
         expected = text_property("DESCRIPTION", raw.decode("utf-8", "replace")).encode()
-        written = timeslot_export.fold_utf8(b"DESCRIPTION:" + timeslot_export.escape_utf8(timeslot_export.valid_utf8(raw)))
-        assert written + b"\r\n" == expected, raw
-        assert bool(raw.strip(timeslot_export._BLANK_OCTETS)) == timeslot_export.is_written(raw.decode("utf-8", "replace"))
+        escaped = timeslot_export.escape_utf8(timeslot_export.valid_utf8(raw))
+        assert timeslot_export.fold_utf8(b"DESCRIPTION:" + escaped) + b"\r\n" == expected, raw
+        written = timeslot_export.is_written(raw.decode("utf-8", "replace"))
+        assert bool(raw.strip(timeslot_export._BLANK_OCTETS)) == written
 
 
 def test_the_one_pass_fold_cuts_where_the_exact_one_does():
@@ -469,7 +470,7 @@ def test_the_event_cache_answers_what_the_writer_writes_for_each_style_and_zone(
         assert b"".join(timeslot_export.write_calendar([rows], style, zones, cache)) == fresh     # answered
     assert b"SUMMARY:Busy" not in b"".join(timeslot_export.write_calendar([rows], timeslot_export.DEFAULT_STYLE,
                                                                         zones, cache))
-    utc = b"".join(timeslot_export.write_calendar([rows], timeslot_export.DEFAULT_STYLE, timeslot_export.NO_ZONES, cache))
+    utc = b"".join(timeslot_export.write_calendar([rows], timeslot_export.DEFAULT_STYLE, cache=cache))
     assert b"TZID=Europe/Berlin" not in utc               # the same row without its zone's data: in UTC
 
 
