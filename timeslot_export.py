@@ -1976,15 +1976,10 @@ def write_event(row: tuple, style: CalendarStyle, zones: Mapping[str, TimeZone] 
         times = f"DTSTART;VALUE=DATE:{start[:8]}\r\n" + (f"DTEND;VALUE=DATE:{end_date}\r\n" if end_date else "")
     elif slot_zone is None:
         times = f"DTSTART:{start}\r\n" if end is None or end == start else f"DTSTART:{start}\r\nDTEND:{end}\r\n"
-    else:                                       # _date_time, inlined: zoned slots are half of some calendars
-        local = slot_zone.local_time(start)
-        if local is None:
-            times = f"DTSTART:{start}\r\n"
-        else:
-            times, zone = f"DTSTART;TZID={slot_zone.name}:{local}\r\n", slot_zone
+    else:
+        times, zone = _date_time("DTSTART", start, slot_zone)
         if end is not None and end != start:
-            local = slot_zone.local_time(end)
-            times += f"DTEND:{end}\r\n" if local is None else f"DTEND;TZID={slot_zone.name}:{local}\r\n"
+            times += _date_time("DTEND", end, slot_zone)[0]
     recurrence = ""
     if rule:
         recurrence, problem = format_recurrence(rule, bool(all_day), zone)
@@ -1997,19 +1992,15 @@ def write_event(row: tuple, style: CalendarStyle, zones: Mapping[str, TimeZone] 
                 f"\r\n{times}{recurrence}CLASS:PRIVATE\r\nSUMMARY:Busy\r\nEND:VEVENT\r\n").encode("utf-8")
     event = (f"BEGIN:VEVENT\r\nUID:{uid}\r\nDTSTAMP:{updated}\r\nCREATED:{created}\r\nLAST-MODIFIED:{updated}"
              f"\r\n{times}{recurrence}CLASS:{CLASS_BY_VISIBILITY[visibility]}\r\n").encode("utf-8")
-    summary = None                                    # title, description: NOT NULL
-    if title.strip(_BLANK_OCTETS):
-        summary = escape_utf8(title if title.isascii() else valid_utf8(title))
-        line = b"SUMMARY:" + summary
-        event += (line if len(line) <= 75 else fold_utf8(line)) + b"\r\n"
+    summary = escape_utf8(valid_utf8(title)) if title.strip(_BLANK_OCTETS) else None   # title, description:
+    if summary is not None:                                                           # NOT NULL
+        event += fold_utf8(b"SUMMARY:" + summary) + b"\r\n"
     if description.strip(_BLANK_OCTETS):
-        line = b"DESCRIPTION:" + escape_utf8(description if description.isascii() else valid_utf8(description))
-        event += (line if len(line) <= 75 else fold_utf8(line)) + b"\r\n"
+        event += fold_utf8(b"DESCRIPTION:" + escape_utf8(valid_utf8(description))) + b"\r\n"
     if place is not None:    # locations.name is NOT NULL: None means the slot has no location
         location = _location_utf8(place, street, postal_code, city, country)
         if location:
-            line = b"LOCATION:" + escape_utf8(location)
-            event += (line if len(line) <= 75 else fold_utf8(line)) + b"\r\n"
+            event += fold_utf8(b"LOCATION:" + escape_utf8(location)) + b"\r\n"
     if latitude is not None:
         event += f"GEO:{format_decimal(latitude)};{format_decimal(longitude)}\r\n".encode("ascii")
     if alerts is not None and style.alarms:
