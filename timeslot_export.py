@@ -2090,16 +2090,18 @@ class EventCache:
         self._lock = threading.Lock()
         self.get = self._events.get                    # lookups take no lock: a dict read is atomic
 
+    @staticmethod
+    def _cost(event: bytes) -> int:
+        return 2 * len(event) + 256                    # the row holds about the event's text, plus the keys
+
     def put(self, key: tuple, event: bytes) -> None:
-        cost = 2 * len(event) + 256                    # the row holds about the event's text, plus the keys
         with self._lock:
             if key in self._events:
                 return
             self._events[key] = event
-            self._size += cost
+            self._size += self._cost(event)
             while self._size > self._budget and self._events:
-                oldest = next(iter(self._events))
-                self._size -= 2 * len(self._events.pop(oldest)) + 256
+                self._size -= self._cost(self._events.pop(next(iter(self._events))))
 
 
 def export_calendar(session: Session, user_id: int, group: Group | None, style: CalendarStyle,
