@@ -438,6 +438,27 @@ def test_the_utf8_text_path_writes_what_the_text_path_writes():
         assert bool(raw.strip(timeslot_export._BLANK_OCTETS)) == written
 
 
+def test_the_utf8_text_path_treats_every_ascii_octet_as_the_text_path_does():
+    """escape_utf8 drops control characters by a table of octets: each octet below 0x80, alone and between
+    letters, must come out as escape_text makes the character."""
+    for octet in range(0x80):
+        for raw in (bytes([octet]), b"a" + bytes([octet]) + b"b", bytes([octet]) * 3 + b",\n"):
+            assert timeslot_export.escape_utf8(raw) == escape_text(raw.decode("ascii")).encode(), raw
+
+
+def test_an_event_is_the_same_from_stored_timestamps_as_from_basic_ones():
+    """Slot rows carry timestamps as stored (2019-01-02T10:00:00Z); the writer puts them in basic form."""
+    stored = dict(created="2019-01-01T00:00:00Z", updated="2019-01-01T12:30:00Z", start="2019-01-02T10:00:00Z",
+                  end="2019-01-02T11:00:00Z", rule="FREQ=DAILY", exdates="2019-01-04T10:00:00Z,2019-01-03T10:00:00Z")
+    basic = {name: value.replace("-", "").replace(":", "") for name, value in stored.items()}
+    berlin = {"Europe/Berlin": timeslot_export.time_zone("Europe/Berlin")}
+    for zone_name, all_day in (("", 0), ("Europe/Berlin", 0), ("", 1)):
+        written = [timeslot_export.write_event(slot_row(zone_name=zone_name, all_day=all_day, **fields),
+                                               timeslot_export.DEFAULT_STYLE, berlin) for fields in (stored, basic)]
+        assert written[0] == written[1]
+        assert b"DTSTAMP:20190101T123000Z\r\n" in written[0] and b"EXDATE" in written[0]
+
+
 def test_the_one_pass_fold_cuts_where_the_exact_one_does():
     """fold_utf8's regex pass (escaped backslashes stood in for) against the piece-by-piece reference, on
     lines dense with escape pairs around every fold point."""
