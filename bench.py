@@ -22,7 +22,7 @@ things timed in the same run, interleaved, taking the median of the repetitions:
           vs. the same 304 of a 5-slot feed                                            target <= 2x
   memory  a 1,000,000-slot export: peak memory above the idle process                  target <= 16 MiB
   load    64 concurrent clients against `serve` while another process writes slots     no 5xx, all answered
-  servers 16 keep-alive clients, the small export: server CPU per request (the server's whole process
+  servers 16 keep-alive clients, the small export, 5 rounds: server CPU per request (the server's whole process
           tree, from /proc) and p99 latency, `serve` vs gunicorn gthread, both 2 workers x 4 threads
                                                                      target <= 1.5x CPU, <= 2x p99
           and gunicorn vs the floor of any implementation over sqlite3 under that gunicorn: the export's
@@ -510,25 +510,26 @@ def main() -> int:
     value, detail = bench_replica(large["rich"])
     print(f"info   5-slot export on a replica (serve --replica) vs the default: {value:.2f}x; {detail}",
           flush=True)
-    servers = bench_servers(large["rich"])
+    servers, ratios = bench_servers(large["rich"])
     (serve_cpu, serve_p99, serve_switches), (gunicorn_cpu, gunicorn_p99, gunicorn_switches) = (
         servers["serve"], servers["gunicorn"])
     (floor_cpu, floor_p99, floor_switches), (hello_cpu, hello_p99, hello_switches) = (
         servers["sql-floor"], servers["hello"])
     figures = (f"serve {serve_cpu:.0f} µs, p99 {serve_p99:.1f} ms; gunicorn gthread 2x4 {gunicorn_cpu:.0f} µs, "
-               f"p99 {gunicorn_p99:.1f} ms")
-    results.append(report("small export under serve, server CPU per request vs gunicorn", serve_cpu / gunicorn_cpu,
+               f"p99 {gunicorn_p99:.1f} ms (medians; the ratio is the median of {SERVER_ROUNDS} rounds' ratios)")
+    results.append(report("small export under serve, server CPU per request vs gunicorn", ratios["serve cpu"],
                           1.5, "x", figures))
-    results.append(report("small export under serve, p99 latency vs gunicorn", serve_p99 / gunicorn_p99, 2.0, "x",
+    results.append(report("small export under serve, p99 latency vs gunicorn", ratios["serve p99"], 2.0, "x",
                           "16 keep-alive clients"))
     results.append(report("small export under gunicorn, server CPU per request vs its SQL floor (the export's SQL "
-                          "on kept connections, then the same bytes)", gunicorn_cpu / floor_cpu, 1.5, "x",
+                          "on kept connections, then the same bytes)", ratios["gunicorn vs floor"], 1.5, "x",
                           f"gunicorn {gunicorn_cpu:.0f} µs, the SQL floor under that gunicorn {floor_cpu:.0f} µs, "
                           f"p99 {floor_p99:.1f} ms; the same clients and server"))
-    print(f"info   the earlier row, the export vs a hello world under that gunicorn: {gunicorn_cpu / hello_cpu:.2f}x "
-          f"(hello world {hello_cpu:.0f} µs, p99 {hello_p99:.1f} ms); the SQL floor vs the hello world "
-          f"{floor_cpu / hello_cpu:.2f}x; context switches per request: hello world {hello_switches:.1f}, SQL alone "
-          f"{floor_switches:.1f}, the export {gunicorn_switches:.1f}, serve {serve_switches:.1f}", flush=True)
+    print(f"info   the earlier row, the export vs a hello world under that gunicorn: "
+          f"{ratios['gunicorn vs hello']:.2f}x (hello world {hello_cpu:.0f} µs, p99 {hello_p99:.1f} ms); "
+          f"the SQL floor vs the hello world {floor_cpu / hello_cpu:.2f}x; context switches per request: "
+          f"hello world {hello_switches:.1f}, SQL alone {floor_switches:.1f}, the export {gunicorn_switches:.1f}, "
+          f"serve {serve_switches:.1f}", flush=True)
     return 0 if all(results) else 1
 
 
@@ -689,9 +690,15 @@ def measure_server(kind: str, path: str, headers: dict, hello_dir: str) -> tuple
             (switches_after - switches_before) / count)
 
 
-def bench_servers(path: str) -> dict[str, tuple[float, float, float]]:
-    """serve, gunicorn (gthread), the SQL floor and a hello-world app under the same gunicorn, each measured
-    three times in turn; the median of each figure."""
+SERVER_ROUNDS = 5
+
+
+def bench_servers(path: str) -> tuple[dict[str, tuple[float, float, float]], dict[str, float]]:
+    """serve, gunicorn (gthread), the SQL floor and a hello-world app under the same gunicorn, measured in
+    SERVER_ROUNDS rounds, one after the other in each round; the median of each figure, and the median of
+    each round's ratios. A round's ratio compares servers measured seconds apart: how gunicorn spreads 16
+    connections over its 2 workers differs from start to start and moves every figure of that start by up
+    to a third (tests of one worker show it), so a ratio of medians taken from different rounds is noisier."""
     headers = {"Authorization": f"Token token={token_for('small')}", "Content-Length": "0"}
     app = timeslot_export.make_app(path)
     environ = request_environ(token_for("small"))
@@ -705,10 +712,19 @@ def bench_servers(path: str) -> dict[str, tuple[float, float, float]]:
         with open(os.path.join(hello_dir, "body"), "wb") as file:
             file.write(body)
         runs: dict[str, list[tuple[float, float, float]]] = {kind: [] for kind in SERVER_KINDS}
-        for _ in range(3):
+        for _ in range(SERVER_ROUNDS):
             for kind in runs:
                 runs[kind].append(measure_server(kind, path, headers, hello_dir))
-    return {kind: tuple(statistics.median(figures) for figures in zip(*values)) for kind, values in runs.items()}
+    medians = {kind: tuple(statistics.median(figures) for figures in zip(*values)) for kind, values in runs.items()}
+    ratios = {
+        "serve cpu": statistics.median(s[0] / g[0] for s, g in zip(runs["serve"], runs["gunicorn"])),
+        "serve p99": statistics.median(s[1] / g[1] for s, g in zip(runs["serve"], runs["gunicorn"])),
+        "gunicorn vs floor": statistics.median(g[0] / f[0] for g, f in zip(runs["gunicorn"], runs["sql-floor"])),
+        "gunicorn vs hello": statistics.median(g[0] / h[0] for g, h in zip(runs["gunicorn"], runs["hello"]))}
+    print("info   server CPU per request by round (µs): " + "; ".join(
+        f"{kind} {', '.join(f'{figures[0]:.0f}' for figures in values)}" for kind, values in runs.items()),
+        flush=True)
+    return medians, ratios
 
 
 def free_port() -> int:
