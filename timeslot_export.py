@@ -40,6 +40,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import queue
 import random
@@ -64,7 +65,7 @@ try:
 except ImportError:                                   # pragma: no cover (Windows)
     fcntl = None
 from http import HTTPStatus
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 from wsgiref import simple_server
 from wsgiref.handlers import format_date_time
 
@@ -473,14 +474,29 @@ def feed_object(row: tuple) -> dict:
             "past_days": past_days, "future_days": future_days, "created_at": created_at, "revoked_at": revoked_at}
 
 
+class WalIndex(NamedTuple):
+    """A descriptor of a database's -shm file, to ask its write lock, and the inode it was opened on."""
+
+    descriptor: int
+    inode: int
+
+
+# F_OFD_GETLK queries (struct flock: type, whence, start, length, pid) for SQLite's write locks.
+_LOCK_FORMAT = "hhqqi"
+_WAL_WRITE_LOCK_QUERY = struct.pack(_LOCK_FORMAT, getattr(fcntl, "F_WRLCK", 1), os.SEEK_SET, 120, 1, 0)
+_RESERVED_LOCK_QUERY = struct.pack(_LOCK_FORMAT, getattr(fcntl, "F_WRLCK", 1), os.SEEK_SET, 0x40000001, 1, 0)
+
+
 class Session:
     """One read transaction on one connection: every query of a request sees one snapshot."""
 
     def __init__(self, database: "Database", connection: sqlite3.Connection, identity: tuple,
-                 quiet: bool = False, started: float = 0.0):
+                 quiet: bool = False, started: float = 0.0, wal_index: WalIndex | None = None,
+                 wal_index_checked: bool = False):
         self._database = database
         self._connection = connection
         self._identity = identity
+        self._wal_index, self._wal_index_checked = wal_index, wal_index_checked     # for check_in
         self._broken = False
         self._closed = False
         # No write was in progress on the file at ``started``, just before this snapshot was taken: every
@@ -501,13 +517,10 @@ class Session:
             raise self._failed(error) from error
 
     def _rows(self, sql: str, parameters: Sequence | Mapping) -> list[tuple]:
-        cursor = self._run(sql, parameters)
-        try:
-            return cursor.fetchall()
+        try:                    # fetchall() reads to the end, which resets the statement for its next use
+            return self._connection.execute(sql, parameters).fetchall()
         except sqlite3.Error as error:
             raise self._failed(error) from error
-        finally:
-            cursor.close()
 
     def _one(self, sql: str, parameters: Sequence | Mapping) -> tuple | None:
         rows = self._rows(sql, parameters)
@@ -606,7 +619,8 @@ class Session:
                 self._connection.execute("ROLLBACK")
             except sqlite3.Error:
                 self._broken = True
-        self._database.check_in(self._connection, self._identity, reusable=not self._broken)
+        self._database.check_in(self._connection, self._identity, not self._broken, self._wal_index,
+                                self._wal_index_checked)
 
 
 class WriteSession(Session):
@@ -858,31 +872,45 @@ class Database:
         self._guard_lock = threading.Lock()
         self._idle = threading.local()
         self._lock_files: dict[str, tuple[int, int]] = {}      # path: (inode, descriptor), for writing_now
+        self._wal_index_path = self.path + "-shm"
         self._first_seen: dict[tuple[int, int], float] = {}    # (user, version): when a replica first read it
 
     @property
     def replica(self) -> bool:
         return self._replica
 
-    def writing_now(self) -> bool | None:
+    def writing_now(self, wal_index: WalIndex | None = None) -> tuple[bool | None, WalIndex | None]:
         """Whether a write transaction holds SQLite's write lock on the file right now: in WAL mode the
         -shm file's WAL_WRITE_LOCK byte (120), in rollback-journal mode the database's RESERVED byte. Asked
         with F_OFD_GETLK, which sees the locks of other processes and of this one's other connections;
-        None where that cannot be asked (no OFD locks, no lock file)."""
+        None where that cannot be asked (no OFD locks, no lock file). Also the -shm file it was asked on
+        (None in rollback-journal mode), for check_in.
+
+        ``wal_index`` is the -shm file a kept connection was checked in with: it is asked without looking
+        the name up. While a connection that has read the database in WAL mode is open it holds a shared
+        lock on the database file, so no other connection can be the last to close (which deletes the
+        -shm file) or change the journal mode: the file the descriptor names is the one in use."""
         if fcntl is None or not hasattr(fcntl, "F_OFD_GETLK"):
-            return None
+            return None, None
         try:
-            path, offset = self.path + "-shm", 120
-            try:
-                inode = os.stat(path).st_ino
-            except FileNotFoundError:
-                path, offset = self.path, 0x40000001
-                inode = os.stat(path).st_ino
-            descriptor = self._lock_file(path, inode)
-            answer = fcntl.fcntl(descriptor, fcntl.F_OFD_GETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, offset, 1, 0))
+            if wal_index is None:
+                wal_index = self._wal_index()
+            if wal_index is not None:
+                answer = fcntl.fcntl(wal_index.descriptor, fcntl.F_OFD_GETLK, _WAL_WRITE_LOCK_QUERY)
+            else:
+                descriptor = self._lock_file(self.path, os.stat(self.path).st_ino)
+                answer = fcntl.fcntl(descriptor, fcntl.F_OFD_GETLK, _RESERVED_LOCK_QUERY)
         except OSError:
+            return None, None
+        return struct.unpack(_LOCK_FORMAT, answer)[0] != fcntl.F_UNLCK, wal_index
+
+    def _wal_index(self) -> WalIndex | None:
+        """The -shm file by its name now (None when there is none: rollback-journal mode)."""
+        try:
+            inode = os.stat(self._wal_index_path).st_ino
+        except FileNotFoundError:
             return None
-        return struct.unpack("hhqqi", answer)[0] != fcntl.F_UNLCK
+        return WalIndex(self._lock_file(self._wal_index_path, inode), inode)
 
     def _lock_file(self, path: str, inode: int) -> int:
         """A read-only descriptor of ``path`` to ask its locks, kept while the file is the same file."""
@@ -939,8 +967,6 @@ class Database:
     def session(self) -> Session:
         """A read transaction on this thread's connection (or a new one)."""
         started = self._clock()
-        # Asked before the snapshot is taken; a replica's follower writes no change clocks, so it is not asked.
-        quiet = not self._replica and self.writing_now() is False
         identity = self._identity()
         guard = epoch = None
         if self._replica:
@@ -949,13 +975,18 @@ class Database:
             identity = (*identity, epoch)             # kept connections match only within their epoch
         idle = getattr(self._idle, "connection", None)
         self._idle.connection = None
-        if idle is not None and idle[1] == identity:
-            connection = idle[0]
+        kept = idle is not None and idle[1] == identity
+        if not kept and idle is not None:
+            idle[0].close()
+        # Asked before the snapshot is taken; a replica's follower writes no change clocks, so it is not asked.
+        checked = idle[2] if kept else None       # the -shm file this connection was checked in with
+        if self._replica:
+            quiet, wal_index = False, None
         else:
-            if idle is not None:
-                idle[0].close()
-            connection = self._open()
-        session = self._session_on(connection, identity, quiet, started)
+            writing, wal_index = self.writing_now(checked)
+            quiet = writing is False
+        connection = idle[0] if kept else self._open()
+        session = self._session_on(connection, identity, quiet, started, wal_index, checked is not None)
         if epoch is not None:
             session.start_reading()                   # from here on the follower waits for this request
             if not guard.still(epoch):                # it wrote first: the cache may be older than the file
@@ -964,19 +995,25 @@ class Database:
         return session
 
     def _session_on(self, connection: sqlite3.Connection, identity: tuple, quiet: bool = False,
-                    started: float = 0.0) -> Session:
+                    started: float = 0.0, wal_index: WalIndex | None = None, wal_index_checked: bool = False
+                    ) -> Session:
         try:
-            return Session(self, connection, identity, quiet, started)
+            return Session(self, connection, identity, quiet, started, wal_index, wal_index_checked)
         except BaseException:
             connection.close()
             raise
 
-    def check_in(self, connection: sqlite3.Connection, identity: tuple, reusable: bool) -> None:
+    def check_in(self, connection: sqlite3.Connection, identity: tuple, reusable: bool,
+                 wal_index: WalIndex | None = None, wal_index_checked: bool = False) -> None:
         """Keep the connection for this thread's next request, unless it failed, one is kept already or
-        it belongs to no epoch of a replica's guard."""
+        it belongs to no epoch of a replica's guard; with the -shm file its request asked, once that is
+        known to be the one the connection reads (see writing_now): the name is looked up again now
+        that the connection has read in WAL mode, in case the file was replaced in between."""
         keep = reusable and not (self._replica and identity[-1] is None)
         if keep and getattr(self._idle, "connection", None) is None:
-            self._idle.connection = (connection, identity)
+            if wal_index is not None and not wal_index_checked and self._wal_index() != wal_index:
+                wal_index = None
+            self._idle.connection = (connection, identity, wal_index)
         else:
             connection.close()
 
@@ -1647,12 +1684,17 @@ def fold_utf8(data: bytes) -> bytes:
         return data
     paired = b"\\\\" in data
     if not paired or b"\x01" not in data:
-        first = _FIRST_PIECE_PAIRED.match(data.replace(b"\\\\", b"\x01\x80") if paired else data)
-        if first is not None:
-            pieces = _NEXT_PIECE_PAIRED.findall(first.string, first.end())
-            folded = b"\r\n ".join([first.group(), *pieces])
-            if len(folded) == len(data) + 3 * len(pieces):   # no octet skipped (a backslash at the end)
-                return folded.replace(b"\x01\x80", b"\\\\") if paired else folded
+        text = data.replace(b"\\\\", b"\x01\x80") if paired else data
+        if data[0] < 0x80 and data[0] != 0x5C:     # a one-octet first character: the first piece is it and
+            pieces = _NEXT_PIECE_PAIRED.findall(text, 1)      # the greedy 74 after it, one regex call in all
+            if pieces:
+                pieces[0] = text[:1] + pieces[0]
+        else:
+            first = _FIRST_PIECE_PAIRED.match(text)
+            pieces = [] if first is None else [first.group(), *_NEXT_PIECE_PAIRED.findall(text, first.end())]
+        folded = b"\r\n ".join(pieces)
+        if pieces and len(folded) == len(data) + 3 * (len(pieces) - 1):   # no octet skipped (a final backslash)
+            return folded.replace(b"\x01\x80", b"\\\\") if paired else folded
     first = _FIRST_PIECE.match(data).end()
     folded = b"\r\n ".join([data[:first]] + _NEXT_PIECE.findall(data, first))
     if b"\\\r\n " in folded:                # a fold right after a backslash: maybe inside an escape pair
@@ -1999,25 +2041,26 @@ def write_event(row: tuple, style: CalendarStyle, zones: Mapping[str, TimeZone] 
     if style.busy:
         return (f"BEGIN:VEVENT\r\nUID:{uid}\r\nDTSTAMP:{updated}\r\nCREATED:{created}\r\nLAST-MODIFIED:{updated}"
                 f"\r\n{times}{recurrence}CLASS:PRIVATE\r\nSUMMARY:Busy\r\nEND:VEVENT\r\n").encode("utf-8")
-    event = (f"BEGIN:VEVENT\r\nUID:{uid}\r\nDTSTAMP:{updated}\r\nCREATED:{created}\r\nLAST-MODIFIED:{updated}"
-             f"\r\n{times}{recurrence}CLASS:{CLASS_BY_VISIBILITY[visibility]}\r\n").encode("utf-8")
+    lines = [(f"BEGIN:VEVENT\r\nUID:{uid}\r\nDTSTAMP:{updated}\r\nCREATED:{created}\r\nLAST-MODIFIED:{updated}"
+              f"\r\n{times}{recurrence}CLASS:{CLASS_BY_VISIBILITY[visibility]}").encode("utf-8")]
     summary = escape_utf8(valid_utf8(title)) if title.strip(_BLANK_OCTETS) else None   # title, description:
     if summary is not None:                                                           # NOT NULL
-        event += fold_utf8(b"SUMMARY:" + summary) + b"\r\n"
+        lines.append(fold_utf8(b"SUMMARY:" + summary))
     if description.strip(_BLANK_OCTETS):
-        event += fold_utf8(b"DESCRIPTION:" + escape_utf8(valid_utf8(description))) + b"\r\n"
+        lines.append(fold_utf8(b"DESCRIPTION:" + escape_utf8(valid_utf8(description))))
     if place is not None:    # locations.name is NOT NULL: None means the slot has no location
         location = _location_utf8(place, street, postal_code, city, country)
         if location:
-            event += fold_utf8(b"LOCATION:" + escape_utf8(location)) + b"\r\n"
+            lines.append(fold_utf8(b"LOCATION:" + escape_utf8(location)))
     if latitude is not None:
-        event += f"GEO:{format_decimal(latitude)};{format_decimal(longitude)}\r\n".encode("ascii")
+        lines.append(f"GEO:{format_decimal(latitude)};{format_decimal(longitude)}".encode("ascii"))
     if alerts is not None and style.alarms:
         alarm_description = fold_utf8(b"DESCRIPTION:" + (summary if summary is not None else b"Reminder"))
         for minutes in sorted(map(int, alerts.split(","))):
-            event += (b"BEGIN:VALARM\r\nACTION:DISPLAY\r\n%s\r\nTRIGGER:-PT%dM\r\nEND:VALARM\r\n"
-                      % (alarm_description, minutes))
-    return event + b"END:VEVENT\r\n"
+            lines.append(b"BEGIN:VALARM\r\nACTION:DISPLAY\r\n%s\r\nTRIGGER:-PT%dM\r\nEND:VALARM"
+                         % (alarm_description, minutes))
+    lines.append(b"END:VEVENT\r\n")
+    return b"\r\n".join(lines)
 
 
 _UNTIL = re.compile(r"UNTIL=([0-9]{8})(?:T([0-9]{6})Z)?")
@@ -2083,10 +2126,15 @@ def calendar_zones(session: Session, user_id: int, group: Group | None, window: 
 
 
 class EventCache:
-    """Events an application has written, by everything an event is written from: the slot's row, the
-    style's busy and alarms, and the zone (a new TimeZone object once its file changed). Most exports
-    write what the previous one wrote (a calendar app polls, a few slots change), and looking an event up
-    costs a small part of writing it again; the body is the same bytes either way.
+    """Events an application has written, each kept with everything it was written from: the slot's row,
+    the style's busy and alarms, and the zone (a new TimeZone object once its file changed); an event is
+    answered only for all of them the same (a writer need not move updated_at). Most exports write what
+    the previous one wrote (a calendar app polls, a few slots change), and looking an event up costs a
+    small part of writing it again; the body is the same bytes either way.
+
+    The key is the slot's uuid with busy and alarms, and the row and zone are compared once it is found:
+    hashing a fresh row (each of its strings hashed anew) cost most of a lookup by the whole row, and a
+    comparison costs a fraction of a hash. One event is kept per key: a changed row replaces the old one.
 
     Only the first EVENT_CACHE_ROWS rows of each calendar are looked up and kept: a longer calendar would
     push everything else out and pay the lookups for nothing. The size is bounded (events and their rows,
@@ -2094,7 +2142,7 @@ class EventCache:
     therefore warned about when its event is written, not at every export."""
 
     def __init__(self, budget: int = EVENT_CACHE_BYTES):
-        self._events: dict[tuple, bytes] = {}
+        self._events: dict[tuple, tuple[tuple, TimeZone | None, bytes]] = {}   # key: (row, zone, event)
         self._size = 0
         self._budget = budget
         self._lock = threading.Lock()
@@ -2104,14 +2152,15 @@ class EventCache:
     def _cost(event: bytes) -> int:
         return 2 * len(event) + 256                    # the row holds about the event's text, plus the keys
 
-    def put(self, key: tuple, event: bytes) -> None:
+    def put(self, key: tuple, row: tuple, zone: TimeZone | None, event: bytes) -> None:
         with self._lock:
-            if key in self._events:
-                return
-            self._events[key] = event
+            replaced = self._events.pop(key, None)
+            if replaced is not None:
+                self._size -= self._cost(replaced[2])
+            self._events[key] = (row, zone, event)
             self._size += self._cost(event)
             while self._size > self._budget and self._events:
-                self._size -= self._cost(self._events.pop(next(iter(self._events))))
+                self._size -= self._cost(self._events.pop(next(iter(self._events)))[2])
 
 
 def export_calendar(session: Session, user_id: int, group: Group | None, style: CalendarStyle,
@@ -2138,11 +2187,13 @@ def write_calendar(batches: Iterable[list[tuple]], style: CalendarStyle,
         for row in batch:
             if cached:
                 cached -= 1
-                key = (row, flags, by_name.get(row[18]))
-                event = cache.get(key)
-                if event is None:
+                key, zone = (row[0], flags), by_name.get(row[18])
+                known = cache.get(key)
+                if known is not None and known[1] is zone and known[0] == row:
+                    event = known[2]
+                else:
                     event = write_event(row, style, by_name)
-                    cache.put(key, event)
+                    cache.put(key, row, zone, event)
             else:
                 event = write_event(row, style, by_name)
             parts.append(event)
@@ -2375,9 +2426,10 @@ def not_modified(request: Request, etag: str, last_modified: int | None, now: fl
     if_none_match = request.header("If-None-Match")
     if if_none_match:
         return etag_matches(if_none_match, etag)
-    if last_modified is None:
+    since_text = request.header("If-Modified-Since")
+    if last_modified is None or not since_text:
         return False
-    since = parse_http_date(request.header("If-Modified-Since"), now)
+    since = parse_http_date(since_text, now)
     return since is not None and last_modified <= since <= now
 
 
@@ -2516,6 +2568,8 @@ def window_bound(name: str, value: object) -> str | None:
 
 def window_value(parameters: Mapping[str, object]) -> Window | None:
     """The date window of ``from`` and ``to`` (None for neither); ``to`` must be later than ``from``."""
+    if "from" not in parameters and "to" not in parameters:
+        return None
     start, end = window_bound("from", parameters.get("from")), window_bound("to", parameters.get("to"))
     if start is not None and end is not None and end <= start:
         raise _invalid("parameter to must be later than parameter from")
@@ -2583,14 +2637,24 @@ def _unauthorized() -> HTTPError:
                      [("WWW-Authenticate", 'Token realm="Application"')])
 
 
+def _token_in(authorization: str) -> str | None:
+    """The token of an Authorization header (_AUTHORIZATION), as the client's bytes in latin-1 (WSGI)."""
+    token = authorization[len("Token token="):]
+    if (authorization.startswith("Token token=") and token.isprintable() and token
+            and " " not in token and '"' not in token and "," not in token):
+        return token       # the seed's form, told without the regex: isprintable() is False for other \s
+    match = _AUTHORIZATION.fullmatch(authorization)
+    return None if match is None else match.group(1) or match.group(2) or match.group(3)
+
+
 def authenticate(session: Session, authorization: str) -> tuple[int, int, int]:
     """(user id, export version, change clock) for the Authorization header, or 401. The token is only ever
     hashed."""
-    match = _AUTHORIZATION.fullmatch(authorization)
-    if match is None:
+    token = _token_in(authorization)
+    if token is None:
         raise _unauthorized()
     try:                     # WSGI headers carry the client's bytes as latin-1; tokens are UTF-8 text
-        token = (match.group(1) or match.group(2) or match.group(3)).encode("latin-1").decode("utf-8")
+        token = token.encode("latin-1").decode("utf-8")
     except UnicodeError:
         raise _unauthorized() from None
     user = session.user_by_token_digest(token_digest(token))
@@ -2778,15 +2842,16 @@ def page_error(status: HTTPStatus) -> Response:
 # Handlers
 # ---------------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=4096)
 def _entity_tag(*parts: object) -> str:
     """A weak ETag from the module version, the user's export version, what the request asked for, the
-    representation's content type and the time zone data the body is written with."""
+    representation's content type and the time zone data the body is written with (cached: a polled
+    calendar asks for the same one until its data changes, and the digest costs more than the lookup)."""
     digest = hashlib.sha256("\0".join(map(str, (__version__, *parts))).encode("utf-8")).hexdigest()
     return f'W/"{digest[:32]}"'
 
 
-@dataclasses.dataclass(frozen=True)
-class Selection:
+class Selection(NamedTuple):       # not a frozen dataclass: its __init__ costs 4 times as much, per request
     """Which calendar a response shows, and what its validators follow: a user's slots (one group's, those
     a window selects), the user's export version (ETag) and change clock (Last-Modified), and when the
     window last moved (a feed's moves at 00:00Z every day)."""
@@ -3122,18 +3187,32 @@ ROUTES: tuple[tuple[re.Pattern, dict[str, Handler]], ...] = (
 )
 
 
-def route(method: str, path: str) -> tuple[Handler, dict[str, str]]:
-    """The handler and path parameters for a request: 404 for an unknown path, 405 (with Allow) for a method."""
+def _methods_of(path: str) -> tuple[dict[str, Handler], dict[str, str]] | None:
+    """The methods of the first route whose pattern matches the whole path, and its path parameters."""
     for pattern, methods in ROUTES:
         match = pattern.fullmatch(path)
         if match:
-            if method not in methods:
-                raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, f"method {method} not allowed",
-                                [("Allow", ", ".join(methods))])
-            if method == "OPTIONS":
-                return functools.partial(handle_preflight, methods=tuple(methods)), {}
-            return methods[method], match.groupdict()
-    raise HTTPError(HTTPStatus.NOT_FOUND, "not found")
+            return methods, match.groupdict()
+    return None
+
+
+# The paths without parameters (the export's among them), answered by one lookup instead of the patterns.
+LITERAL_PATHS = {pattern.pattern: _methods_of(pattern.pattern) for pattern, _ in ROUTES
+                 if re.escape(pattern.pattern) == pattern.pattern}
+
+
+def route(method: str, path: str) -> tuple[Handler, dict[str, str]]:
+    """The handler and path parameters for a request: 404 for an unknown path, 405 (with Allow) for a method."""
+    found = LITERAL_PATHS.get(path) or _methods_of(path)
+    if found is None:
+        raise HTTPError(HTTPStatus.NOT_FOUND, "not found")
+    methods, arguments = found
+    if method not in methods:
+        raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, f"method {method} not allowed",
+                        [("Allow", ", ".join(methods))])
+    if method == "OPTIONS":
+        return functools.partial(handle_preflight, methods=tuple(methods)), {}
+    return methods[method], arguments
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -3148,6 +3227,7 @@ SECURITY_HEADERS = [("X-Frame-Options", "SAMEORIGIN"), ("X-Content-Type-Options"
 CORS_EXPOSED = "Content-Disposition, ETag, X-Request-Id"
 CORS_EXPOSED_FEEDS = "ETag, Location, X-Request-Id"          # the management API's paths: a 201's Location
 STATUS_LINES = {status: f"{status.value} {status.phrase}" for status in HTTPStatus}   # enum lookups are slow
+BODILESS = frozenset({HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED})
 
 
 class _Body:
@@ -3220,12 +3300,12 @@ class ExportApp:
         """The one place that calls start_response: common headers, CORS, no body for HEAD."""
         status = response.status
         headers = response.headers
-        values = "".join([value for _, value in headers])
+        values = "".join(map(operator.itemgetter(1), headers))
         if "\r" in values or "\n" in values:     # header injection; the headers added below are constants,
             if response.close is not None:       # a validated request id, and origins checked at start-up
                 response.close()
             raise ValueError(f"a header would contain a line break: {headers!r}")
-        if status in (HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED):
+        if status in BODILESS:
             headers = [(name, value) for name, value in headers if name not in CONTENT_HEADERS]
         headers = headers + SECURITY_HEADERS + [("X-Request-Id", request.id)]
         origin = request.header("Origin")

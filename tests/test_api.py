@@ -2,6 +2,7 @@
 
 import json
 import logging
+import random
 import re
 
 import pytest
@@ -85,6 +86,29 @@ def test_rejected_authorization_is_401(client, alice, header):
     assert response.json == {"error": "auth_token invalid or missing"}
     assert response.headers["WWW-Authenticate"] == 'Token realm="Application"'
     assert response.headers["Content-Type"] == "application/json; charset=utf-8"
+
+
+def test_the_seed_form_is_read_without_the_regex_exactly_as_the_regex_reads_it():
+    """_token_in tells "Token token=<token>" by string tests; every header must get the token the pattern
+    gives (or none), whatever whitespace, quotes, commas and control characters it holds."""
+    def by_pattern(header):
+        match = timeslot_export._AUTHORIZATION.fullmatch(header)
+        return None if match is None else match.group(1) or match.group(2) or match.group(3)
+    pieces = ["Token token=", "token token=", "Bearer ", "a", "Z", "0", " ", "\t", '"', ",", "=", "\x00", "\xa0",
+              "\u2028", "\x85", "\x1c", "\x0b", "\xe9", "-", "_", "\x7f"]
+    generator = random.Random(5)
+    for _ in range(50_000):
+        header = "".join(generator.choice(pieces) for _ in range(generator.randint(0, 6)))
+        if generator.random() < 0.7:
+            header = "Token token=" + header
+        assert timeslot_export._token_in(header) == by_pattern(header), repr(header)
+
+
+def test_paths_without_parameters_are_routed_by_lookup_as_the_patterns_route_them():
+    assert set(timeslot_export.LITERAL_PATHS) == {"/v1/export/ical", "/v1/feeds"}
+    for path, found in timeslot_export.LITERAL_PATHS.items():
+        assert found == timeslot_export._methods_of(path)
+        assert timeslot_export.route("GET", path)[0] is found[0]["GET"]
 
 
 def test_deleted_user_is_401(client, data):

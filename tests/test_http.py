@@ -55,7 +55,7 @@ def test_client_going_away_mid_body_releases_cursor_and_connection(db_path, busy
     next(iterator)
     next(iterator)
     body.close()                                   # what a server does when the client disconnects
-    connection, _ = app.database._idle.connection  # checked back in for this thread's next request
+    connection = app.database._idle.connection[0]  # checked back in for this thread's next request
     assert not connection.in_transaction
     writer = sqlite3.connect(db_path, timeout=0)   # no reader holds a snapshot open any more
     writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
@@ -190,7 +190,7 @@ def test_head_of_a_large_export_releases_its_connection(db_path, busy_user):
     status, headers, body = wsgi_call(app, REQUEST_METHOD="HEAD", HTTP_AUTHORIZATION=f"Token token={busy_user[1]}")
     assert status == "200 OK" and b"".join(body) == b""
     body.close()
-    connection, _ = app.database._idle.connection
+    connection = app.database._idle.connection[0]
     assert not connection.in_transaction
 
 

@@ -466,8 +466,8 @@ def test_the_one_pass_fold_cuts_where_the_exact_one_does():
     for _ in range(5000):
         text = "".join(generator.choice(["\\", ";", ",", "a", "\u00e9", "\u20ac", "\n"])
                        for _ in range(generator.randrange(60, 400)))
-        data = ("SUMMARY:" + escape_text(text)).encode()
-        assert timeslot_export.fold_utf8(data) == b"\r\n ".join(timeslot_export._pieces_keeping_escapes(data))
+        for data in (("SUMMARY:" + escape_text(text)).encode(), escape_text(text).encode()):   # any first octet
+            assert timeslot_export.fold_utf8(data) == b"\r\n ".join(timeslot_export._pieces_keeping_escapes(data))
 
 
 def slot_row(title=b"Title", zone_name="", **changes):
@@ -501,11 +501,11 @@ def test_the_event_cache_stays_within_its_budget_and_keeps_only_the_first_rows(m
     body = b"".join(timeslot_export.write_calendar([rows], timeslot_export.DEFAULT_STYLE, cache=cache))
     assert body.count(b"BEGIN:VEVENT") == 200
     assert cache._size <= 20_000 and 0 < len(cache._events) < 200
-    assert set(key[0][0] for key in cache._events) == {f"u{n}" for n in range(200 - len(cache._events), 200)}
+    assert set(key[0] for key in cache._events) == {f"u{n}" for n in range(200 - len(cache._events), 200)}
     monkeypatch.setattr(timeslot_export, "EVENT_CACHE_ROWS", 3)
     cache = timeslot_export.EventCache()
     timeslot_export.write_calendar([rows], timeslot_export.DEFAULT_STYLE, cache=cache).__next__()
-    assert sorted(key[0][0] for key in cache._events) == ["u0", "u1", "u2"]
+    assert sorted(key[0] for key in cache._events) == ["u0", "u1", "u2"]
 
 
 def test_an_export_after_a_change_shows_the_change_with_the_cache_warm(client, data):
@@ -517,3 +517,14 @@ def test_an_export_after_a_change_shows_the_change_with_the_cache_warm(client, d
     data.db.execute("INSERT INTO slot_alerts (slot_id, minutes_before) VALUES (?, 30)", (slot_id,))
     body = client.post(EXPORT, headers=auth(token)).body
     assert b"SUMMARY:After" in body and b"TRIGGER:-PT30M" in body and b"Before" not in body
+
+
+def test_the_event_cache_keeps_one_event_per_slot_and_style_and_answers_only_its_own_row():
+    cache = timeslot_export.EventCache()
+    versions = [[slot_row(title=b"One")], [slot_row(title=b"Two")], [slot_row(title=b"One", alerts=None)]]
+    for _ in range(3):
+        for rows in versions:           # the same uuid, another row each time: written afresh, then replaced
+            fresh = b"".join(timeslot_export.write_calendar([rows], timeslot_export.DEFAULT_STYLE))
+            assert b"".join(timeslot_export.write_calendar([rows], timeslot_export.DEFAULT_STYLE, cache=cache)) == fresh
+    assert len(cache._events) == 1
+    assert cache._size == cache._cost(next(iter(cache._events.values()))[2])      # replaced, not added up

@@ -177,6 +177,42 @@ def test_a_date_is_left_out_while_a_write_is_in_progress_and_back_after_it(db_pa
     assert "Last-Modified" in client.get(world["feed"]).headers
 
 
+def test_a_kept_connection_asks_the_wal_index_it_was_checked_in_with_and_a_new_one_looks_it_up(
+        db_path, data, world, monkeypatch):
+    """writing_now looks the -shm file up by name for a new connection, and again when that connection is
+    checked in (it now reads the file, so no other can delete it); a kept one asks that file directly, and
+    still sees a writer. An -shm file that is not the one asked before is never trusted."""
+    database = timeslot_export.Database(str(db_path))
+    looked_up = []
+    real_stat = timeslot_export.os.stat
+    monkeypatch.setattr(timeslot_export.os, "stat",
+                        lambda path, *a, **k: (looked_up.append(path), real_stat(path, *a, **k))[1])
+    wal_index = str(db_path) + "-shm"
+    database.session().close()
+    assert looked_up.count(wal_index) == 2 and database._idle.connection[2] is not None    # asked, checked
+    looked_up.clear()
+    session = database.session()
+    assert session.quiet and wal_index not in looked_up
+    session.close()
+    writer = sqlite3.connect(db_path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        session = database.session()
+        assert not session.quiet and wal_index not in looked_up              # the kept descriptor tells
+        session.close()
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    session = database.session()
+    session._wal_index, session._wal_index_checked = timeslot_export.WalIndex(-1, 0), False   # not the -shm
+    session.close()
+    assert database._idle.connection[2] is None
+    looked_up.clear()
+    database.session().close()
+    assert looked_up.count(wal_index) == 2 and database._idle.connection[2] is not None    # looked up again
+    database.release()
+
+
 def test_the_date_is_never_later_than_now_and_is_left_out_within_the_second_of_a_change(db_path, data, world):
     moments = {"at": time.time()}
     client = make_client(db_path, clock=lambda: moments["at"])
