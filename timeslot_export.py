@@ -481,7 +481,7 @@ class WalIndex(NamedTuple):
     inode: int
 
 
-# F_OFD_GETLK queries (struct flock: type, whence, start, length, pid) for SQLite's write locks.
+# struct flock for fcntl (type, whence, start, length, pid), and the F_OFD_GETLK queries of SQLite's write locks.
 _LOCK_FORMAT = "hhqqi"
 _WAL_WRITE_LOCK_QUERY = struct.pack(_LOCK_FORMAT, getattr(fcntl, "F_WRLCK", 1), os.SEEK_SET, 120, 1, 0)
 _RESERVED_LOCK_QUERY = struct.pack(_LOCK_FORMAT, getattr(fcntl, "F_WRLCK", 1), os.SEEK_SET, 0x40000001, 1, 0)
@@ -739,8 +739,8 @@ class _FollowerGuard:
 
     def _lock_request(self, command: int, kind: int, start: int, length: int) -> int:
         """One fcntl lock call on the guard's descriptor; returns the lock type fcntl reports back."""
-        answer = fcntl.fcntl(self._fd, command, struct.pack("hhqqi", kind, os.SEEK_SET, start, length, 0))
-        return struct.unpack("hhqqi", answer)[0]
+        answer = fcntl.fcntl(self._fd, command, struct.pack(_LOCK_FORMAT, kind, os.SEEK_SET, start, length, 0))
+        return struct.unpack(_LOCK_FORMAT, answer)[0]
 
     def _follower_waiting(self) -> bool:
         return self._lock_request(fcntl.F_OFD_GETLK, fcntl.F_RDLCK, self.PENDING_BYTE, 1) != fcntl.F_UNLCK
@@ -879,7 +879,8 @@ class Database:
     def replica(self) -> bool:
         return self._replica
 
-    def writing_now(self, wal_index: WalIndex | None = None) -> tuple[bool | None, WalIndex | None]:
+    def writing_now(self, wal_index: WalIndex | None = None, inode: int | None = None
+                    ) -> tuple[bool | None, WalIndex | None]:
         """Whether a write transaction holds SQLite's write lock on the file right now: in WAL mode the
         -shm file's WAL_WRITE_LOCK byte (120), in rollback-journal mode the database's RESERVED byte. Asked
         with F_OFD_GETLK, which sees the locks of other processes and of this one's other connections;
@@ -889,7 +890,8 @@ class Database:
         ``wal_index`` is the -shm file a kept connection was checked in with: it is asked without looking
         the name up. While a connection that has read the database in WAL mode is open it holds a shared
         lock on the database file, so no other connection can be the last to close (which deletes the
-        -shm file) or change the journal mode: the file the descriptor names is the one in use."""
+        -shm file) or change the journal mode: the file the descriptor names is the one in use. ``inode``
+        is the database's, where the caller has just looked it up (session's identity)."""
         if fcntl is None or not hasattr(fcntl, "F_OFD_GETLK"):
             return None, None
         try:
@@ -898,7 +900,7 @@ class Database:
             if wal_index is not None:
                 answer = fcntl.fcntl(wal_index.descriptor, fcntl.F_OFD_GETLK, _WAL_WRITE_LOCK_QUERY)
             else:
-                descriptor = self._lock_file(self.path, os.stat(self.path).st_ino)
+                descriptor = self._lock_file(self.path, os.stat(self.path).st_ino if inode is None else inode)
                 answer = fcntl.fcntl(descriptor, fcntl.F_OFD_GETLK, _RESERVED_LOCK_QUERY)
         except OSError:
             return None, None
@@ -983,7 +985,7 @@ class Database:
         if self._replica:
             quiet, wal_index = False, None
         else:
-            writing, wal_index = self.writing_now(checked)
+            writing, wal_index = self.writing_now(checked, identity[1])
             quiet = writing is False
         connection = idle[0] if kept else self._open()
         session = self._session_on(connection, identity, quiet, started, wal_index, checked is not None)

@@ -163,7 +163,9 @@ def test_a_change_committed_late_is_never_hidden_by_a_date(db_path, data, world)
     assert b"SUMMARY:late" in committed.body and "Last-Modified" in committed.headers      # once it is over
 
 
-def test_a_date_is_left_out_while_a_write_is_in_progress_and_back_after_it(db_path, data, world):
+@pytest.mark.parametrize("journal_mode", ["wal", "delete"])   # the -shm's write byte, or the database's RESERVED
+def test_a_date_is_left_out_while_a_write_is_in_progress_and_back_after_it(db_path, data, world, journal_mode):
+    assert data.run(f"PRAGMA journal_mode = {journal_mode}").fetchone()[0] == journal_mode
     client = make_client(db_path)
     settle()
     assert "Last-Modified" in client.get(world["feed"]).headers
